@@ -1,0 +1,22 @@
+"""vae_core: a host-free library to load, run, tile and fix SD-family VAEs (SD1/2, SDXL, SD3, Flux).
+
+Imports only the standard library, torch, safetensors, numpy and PIL; never ComfyUI or A1111.
+
+    vae = vae_core.load_vae("sdxl_vae.safetensors")            # file or diffusers folder, format from the keys
+    z = vae.encode(images, tile="auto")                          # [B,3,H,W] in [-1,1] -> raw latents
+    images = vae.decode(z, tile=512)                             # raw latents -> [B,3,8h,8w] about [-1,1]
+    safe = vae_core.make_fp16_safe(vae).to(dtype=torch.float16)  # training-free fp16 fix
+"""
+from .errors import NonFiniteOutputError, VaeError, VaeInputError, VaeLoadError
+from .families import FAMILIES
+from .loading import load_vae, parse_dtype, save_vae, vae_from_state_dict
+from .model import AutoencoderKL, ModelConfig
+from .tiling import Cancelled
+from .vae import Vae, VaeInfo, make_fp16_safe
+
+__all__ = [
+    "load_vae", "save_vae", "vae_from_state_dict", "make_fp16_safe", "parse_dtype", "Vae", "VaeInfo",
+    "AutoencoderKL", "ModelConfig", "FAMILIES", "VaeError", "VaeLoadError", "VaeInputError", "NonFiniteOutputError",
+    "Cancelled",
+]
+__version__ = "0.1.0"

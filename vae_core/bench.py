@@ -1,0 +1,204 @@
+"""``python -m vae_core bench``: time, peak memory and fidelity of untiled, our tiled and diffusers' tiled calls.
+
+Each configuration runs in a fresh worker process (``python -m vae_core.bench --worker JSON``), so the CPU figure
+is that process's peak RSS (``ru_maxrss``) and the CUDA figure ``max_memory_allocated``. Outputs are written to
+temporary files and compared with the untiled output (PSNR for images with peak-to-peak 2, SNR for latents).
+Without ``--vae`` the model is a random-weight SD-width AutoencoderKL (83.7 M parameters, seed 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .images import psnr, snr
+
+__all__ = ["add_bench_parser", "run_worker", "measure"]
+
+
+def _model(spec: dict[str, Any]):
+    from .loading import load_vae
+    from .model import AutoencoderKL, ModelConfig
+
+    if spec.get("vae"):
+        return load_vae(spec["vae"]).model
+    torch.manual_seed(0)
+    cfg = ModelConfig(**spec.get("config", {}))
+    return AutoencoderKL(cfg).eval().requires_grad_(False)
+
+
+def _diffusers_model(model, device: torch.device, dtype: torch.dtype, tile: int):
+    from diffusers import AutoencoderKL as DiffusersKL  # optional, benchmark only
+
+    from .convert import diffusers_config, ldm_to_diffusers
+
+    cfg = diffusers_config(model.config, 0.18215, None)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg["sample_size"] = tile
+    d = DiffusersKL(**cfg)
+    d.load_state_dict(ldm_to_diffusers(model.state_dict()))
+    d = d.to(device, dtype).eval()
+    d.enable_tiling()
+    d.tile_sample_min_size = tile
+    d.tile_latent_min_size = tile // model.config.downscale
+    return d
+
+
+def _input(spec: dict[str, Any], model, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    size, op = spec["size"], spec["op"]
+    if op == "decode":
+        f = model.config.downscale
+        z = torch.randn(1, model.config.latent_channels, size // f, size // f, generator=g)
+        if spec.get("vae"):
+            z = z * 3.0
+        return z.to(device, dtype)
+    from .images import bundled_fixture, load_image
+
+    img = load_image(bundled_fixture("sample.png"))
+    img = torch.nn.functional.interpolate(img, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+    return img.to(device, dtype)
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration (``spec``: op, size, impl, tile, mode, dtype, device, runs, vae/config, out)."""
+    import resource
+
+    from . import tiling
+
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    torch.set_grad_enabled(False)
+    model = _model(spec).to(device, dtype)
+    x = _input(spec, model, device, dtype)
+    impl, tile = spec["impl"], spec.get("tile")
+    if impl == "diffusers":
+        d = _diffusers_model(model, device, dtype, tile)
+        fn = (lambda t: d.decode(t).sample) if spec["op"] == "decode" else (lambda t: d.encode(t).latent_dist.mean)
+    else:
+        opts = tiling.TileOptions(tile=None if impl == "untiled" else tile, mode=spec.get("mode", "exact"))
+        engine = tiling.decode if spec["op"] == "decode" else tiling.encode
+        fn = lambda t: engine(model, t, opts)  # noqa: E731
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times, out = [], None
+    try:
+        for i in range(spec.get("runs", 1) + (1 if device.type == "cuda" else 0)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            out = None
+            t0 = time.perf_counter()
+            out = fn(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if device.type != "cuda" or i > 0:
+                times.append(time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - report OOM as a result, re-raise anything else
+        if not tiling.is_oom(exc):
+            raise
+        return {"status": "OOM"}
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if spec.get("out"):
+        from safetensors.torch import save_file
+
+        save_file({"out": out.float().cpu().contiguous()}, spec["out"])
+    return {"status": "ok", "seconds": statistics.median(times), "peak_bytes": peak, "base_rss_bytes": base_rss}
+
+
+def measure(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """Run ``spec`` in a fresh worker process and return its result dict."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "vae_core.bench", "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        return {"status": "error", "error": tail[0]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt_mem(b: Optional[float]) -> str:
+    return "-" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .loading import load_vae
+
+    device = args.device
+    sizes = args.size or ([1024, 2048, 4096] if device == "cuda" else [256, 512])
+    try:
+        import diffusers  # noqa: F401
+        have_diffusers = True
+    except ImportError:
+        have_diffusers = False
+    label = args.vae or "random-weight SD-width AutoencoderKL (83.7 M params)"
+    if args.vae:
+        load_vae(args.vae)  # fail early with a clear error
+    machine = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {os.cpu_count()} threads"
+    print(f"# vae_core bench: {label}; {args.dtype} on {machine}; torch {torch.__version__}; tile {args.tile} px; "
+          f"median of {args.runs} run(s)")
+    mem_label = "peak alloc" if device == "cuda" else "peak RSS"
+    print(f"| op | size | implementation | time (s) | {mem_label} | fidelity vs untiled |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for op in args.op:
+            for size in sizes:
+                impls = [("untiled", None), ("vae_core exact", "exact"), ("vae_core fast", "fast")]
+                if have_diffusers:
+                    impls.append(("diffusers tiled", None))
+                ref = None
+                for name, mode in impls:
+                    impl = "untiled" if name == "untiled" else "diffusers" if name.startswith("diffusers") else "ours"
+                    out = os.path.join(tmp, f"{op}{size}{impl}{mode}.safetensors")
+                    spec = {"op": op, "size": size, "impl": impl, "mode": mode or "exact", "tile": args.tile,
+                            "dtype": args.dtype, "device": device, "runs": args.runs, "vae": args.vae, "out": out}
+                    res = measure(spec)
+                    if res["status"] != "ok":
+                        print(f"| {op} | {size}² | {name} | {res['status']} {res.get('error', '')} | | |", flush=True)
+                        continue
+                    from safetensors.torch import load_file
+
+                    y = load_file(out)["out"]
+                    if ref is None and impl == "untiled":
+                        ref, fid = y, "reference"
+                    elif ref is None:
+                        fid = "-"
+                    else:
+                        fid = f"{psnr(ref, y):.1f} dB PSNR" if op == "decode" else f"{snr(ref, y):.1f} dB SNR"
+                    print(f"| {op} | {size}² | {name} | {res['seconds']:.3f} | {_fmt_mem(res['peak_bytes'])} | "
+                          f"{fid} |", flush=True)
+    return 0
+
+
+def add_bench_parser(sub: Any) -> None:
+    s = sub.add_parser("bench", help="time/memory/fidelity table: untiled vs our tiled vs diffusers' tiled")
+    s.add_argument("--size", type=int, nargs="+", help="image edges (default 1024 2048 4096 on CUDA, 256 512 on CPU)")
+    s.add_argument("--dtype", default="fp32", choices=["fp16", "bf16", "fp32"])
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--vae", default=None, help="VAE to benchmark (default: random-weight SD-width model)")
+    s.add_argument("--tile", type=int, default=256, help="tile edge in image px (ours and diffusers')")
+    s.add_argument("--op", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
+    s.add_argument("--runs", type=int, default=1)
+    s.set_defaults(fn=lambda a: cmd_bench(_dtypes(a)))
+
+
+def _dtypes(a: argparse.Namespace) -> argparse.Namespace:
+    a.dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[a.dtype]
+    return a
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(run_worker(json.loads(sys.argv[2]))))
+    else:
+        print("usage: python -m vae_core bench ...  (this module's --worker is internal)", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,185 @@
+"""The :class:`Vae` object every host, the CLI and the benchmark use: validated encode/decode with tiling, the OOM
+fallback, the NaN guard and precision handling around one :class:`~vae_core.model.AutoencoderKL`."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from . import tiling
+from .errors import VaeInputError
+from .model import AutoencoderKL, ModelConfig
+from .precision import GuardState, fp16_fix_model, guarded, resolve_dtype
+
+__all__ = ["Vae", "VaeInfo"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VaeInfo:
+    """What was loaded and where each fact came from.
+
+    Attributes:
+        path: the file or folder given; ``weights_file`` the file the tensors came from.
+        container: ``safetensors`` | ``pickle`` | ``diffusers-folder`` | ``state dict``.
+        layout: key layout found, ``ldm`` or ``diffusers``; ``prefix`` the stripped full-checkpoint prefix.
+        family: ``sd1`` | ``sdxl`` | ``sd3`` | ``flux`` | ``custom``.
+        latent_channels, scaling_factor, shift_factor: latent format (decode input = z / scale + shift).
+        stored_dtype: dtype(s) of the tensors in the file; ``parameters``: parameter count.
+        sources: where family/scaling/shift came from.
+        fp16_fix: peaks before/after when :func:`make_fp16_safe` was applied, else None.
+    """
+
+    path: str
+    container: str
+    layout: str
+    prefix: str
+    family: str
+    latent_channels: int
+    scaling_factor: float
+    shift_factor: Optional[float]
+    stored_dtype: str
+    parameters: int
+    config: ModelConfig
+    sources: dict[str, str] = field(default_factory=dict)
+    weights_file: str = ""
+    fp16_fix: Optional[dict[str, float]] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["config"] = {k: v for k, v in asdict(self.config).items() if k != "extra"}
+        return d
+
+
+ImageTensor = torch.Tensor
+
+
+class Vae:
+    """A loaded SD-family VAE.
+
+    ``encode``: images ``[B, 3, H, W]`` in [-1, 1] → raw (unscaled) posterior means ``[B, C, H//8, W//8]``.
+    ``decode``: raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]``, about [-1, 1], not clamped.
+    Both return float32 on the model's device, check every output element for NaN/inf and retry in a wider dtype
+    (bf16 where supported, then fp32) remembering what worked, and take ``tile=`` (None, ``"auto"`` or image px).
+    """
+
+    def __init__(self, model: AutoencoderKL, info: VaeInfo) -> None:
+        self.model = model
+        self.info = info
+        self.guard = GuardState()
+
+    # -- placement -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None) -> "Vae":
+        """Move/cast in place and return self. ``dtype="auto"``: bf16 where supported, fp16 with the fp16 fix on
+        CUDA without bf16, fp32 on CPU."""
+        if device is not None:
+            self.model.to(device=torch.device(device))
+        if dtype is not None:
+            target, needs_fix = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else (dtype, False)
+            if needs_fix and self.info.fp16_fix is None:
+                self._apply_fix(None)
+            self.model.to(dtype=target)
+            self.guard.working_dtype = None
+        return self
+
+    def _apply_fix(self, sample: Optional[torch.Tensor]) -> None:
+        dtype = self.dtype
+        fixed, before, after = fp16_fix_model(self.model, sample)
+        self.model = fixed.to(dtype=dtype)
+        self.info.fp16_fix = {"peak_before": before, "peak_after": after}
+        log.info("fp16 fix: largest activation %.4g -> %.4g", before, after)
+
+    def clone(self) -> "Vae":
+        other = Vae(copy.deepcopy(self.model), copy.deepcopy(self.info))
+        return other
+
+    # -- latent scaling --------------------------------------------------------------------------------------
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents → diffusion-model space: ``(z - shift) * scale``."""
+        return (z - (self.info.shift_factor or 0.0)) * self.info.scaling_factor
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion-model space → raw latents: ``z / scale + shift``."""
+        return z / self.info.scaling_factor + (self.info.shift_factor or 0.0)
+
+    # -- encode / decode -------------------------------------------------------------------------------------
+    def _check(self, t: object, name: str, channels: int, min_side: int) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise VaeInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4 or t.shape[1] != channels:
+            raise VaeInputError(f"{name}: shape {tuple(t.shape)}; expected [B, {channels}, H, W]")
+        if not t.is_floating_point():
+            raise VaeInputError(f"{name}: dtype {t.dtype}; expected a floating-point tensor")
+        if t.shape[0] == 0 or t.shape[2] < min_side or t.shape[3] < min_side:
+            raise VaeInputError(f"{name}: shape {tuple(t.shape)}; expected a non-empty batch and sides ≥ {min_side}")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise VaeInputError(f"{name}: {bad} of {t.numel()} values are NaN/inf; expected finite values (the "
+                                "input is broken before the VAE, e.g. NaN latents from the sampler)")
+        return t
+
+    def _call(self, what: str, t: torch.Tensor, fn: Callable[[AutoencoderKL, torch.Tensor, tiling.TileOptions],
+              torch.Tensor], opts: tiling.TileOptions) -> torch.Tensor:
+        base = self.guard.working_dtype or self.dtype
+
+        def run(dtype: torch.dtype) -> torch.Tensor:
+            if self.dtype != dtype:
+                self.model.to(dtype=dtype)
+            with torch.inference_mode():
+                return fn(self.model, t.to(self.device, dtype), opts)
+
+        def describe() -> str:
+            return f"{what} input range [{float(t.min()):.4g}, {float(t.max()):.4g}], shape {tuple(t.shape)}"
+
+        out, used = guarded(run, base, self.device, self.guard, f"VAE {what}", describe)
+        if used != base:
+            self.guard.working_dtype = used
+        return out.float()
+
+    def encode(self, x: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
+               progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None
+               ) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [-1, 1] (H, W ≥ 8; not multiples of 8 are floored like the reference) →
+        raw posterior means ``[B, C, H//8, W//8]`` float32."""
+        x = self._check(x, "encode input", self.model.config.in_channels, self.model.config.downscale)
+        opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel)
+        return self._call("encode", x, tiling.encode, opts)
+
+    def decode(self, z: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
+               progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None
+               ) -> torch.Tensor:
+        """Raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]`` float32, about [-1, 1] (not clamped)."""
+        z = self._check(z, "decode input", self.info.latent_channels, 1)
+        opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel)
+        return self._call("decode", z, tiling.decode, opts)
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"Vae({i.family}, {i.latent_channels}ch, {i.layout}/{i.container}, {str(self.dtype)[6:]} on "
+                f"{self.device}, path={i.path!r})")
+
+
+def make_fp16_safe(vae: Vae, sample: Optional[torch.Tensor] = None) -> Vae:
+    """A new :class:`Vae` whose residual stream is rescaled so fp16 does not overflow; outputs unchanged.
+
+    Args:
+        vae: any loaded VAE (left untouched).
+        sample: calibration images ``[B, 3, H, W]`` in [-1, 1]; a built-in high-contrast synthetic image if None.
+    Returns:
+        a Vae in ``vae``'s dtype and device; ``info.fp16_fix`` holds the largest activation before and after.
+    """
+    new = Vae(vae.model, copy.deepcopy(vae.info))
+    new._apply_fix(sample)
+    return new
