@@ -1,7 +1,7 @@
 """``python -m vae_core bench``: time, peak memory and fidelity of untiled, our tiled and diffusers' tiled calls.
 
 Each configuration runs in a fresh worker process (``python -m vae_core.bench --worker JSON``), so the CPU figure
-is that process's peak RSS (``ru_maxrss``) and the CUDA figure ``max_memory_allocated``. Outputs are written to
+is that process's peak RSS (``VmHWM``) and the CUDA figure ``max_memory_allocated``. Outputs are written to
 temporary files and compared with the untiled output (PSNR for images with peak-to-peak 2, SNR for latents).
 Without ``--vae`` the model is a random-weight SD-width AutoencoderKL (83.7 M parameters, seed 0).
 """
@@ -69,10 +69,24 @@ def _input(spec: dict[str, Any], model, device: torch.device, dtype: torch.dtype
     return img.to(device, dtype)
 
 
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one configuration (``spec``: op, size, impl, tile, mode, dtype, device, runs, vae/config, out)."""
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: ``VmHWM`` (reset by execve, unlike ``ru_maxrss``, which keeps the
+    parent's high-water mark on Linux), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration (``spec``: op, size, impl, tile, mode, dtype, device, runs, vae/config, out)."""
     from . import tiling
 
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
@@ -87,7 +101,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         opts = tiling.TileOptions(tile=None if impl == "untiled" else tile, mode=spec.get("mode", "exact"))
         engine = tiling.decode if spec["op"] == "decode" else tiling.encode
         fn = lambda t: engine(model, t, opts)  # noqa: E731
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = peak_rss()
     times, out = [], None
     try:
         for i in range(spec.get("runs", 1) + (1 if device.type == "cuda" else 0)):
@@ -106,7 +120,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             raise
         return {"status": "OOM"}
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            else peak_rss())
     if spec.get("out"):
         from safetensors.torch import save_file
 

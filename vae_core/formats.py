@@ -113,15 +113,24 @@ def _read_pickle(path: Path, kind: str) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VaeLoadError(path, f"a pickle that asks to run code or load non-tensor objects, refused unrun "
-                           f"({first})", "a pickle of tensors only (torch.load weights_only=True)") from exc
+                           f"({_offending_global(exc)})", "a pickle of tensors only (read with weights_only=True; "
+                           "convert trusted files to .safetensors)") from exc
     except (EOFError, RuntimeError, ValueError, OSError, struct.error) as exc:
         raise VaeLoadError(path, f"an unreadable pickle ({type(exc).__name__}: {exc})",
                            "a complete torch checkpoint") from exc
     if not isinstance(obj, dict):
         raise VaeLoadError(path, f"a pickle holding {type(obj).__name__}", "a dict of tensors (a state dict)")
     return obj
+
+
+def _offending_global(exc: BaseException) -> str:
+    """The 'Unsupported global ...' part of torch's weights_only error, without its advice to disable the check."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if "global" in line.lower() and ("unsupported" in line.lower() or "not an allowed" in line.lower()):
+            return line.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+    return type(exc).__name__
 
 
 def _flatten(obj: dict, path: Path) -> dict[str, torch.Tensor]:

@@ -481,7 +481,11 @@ def _run(kind: str, model: AutoencoderKL, t: torch.Tensor, opts: TileOptions, pi
     # outside the except block, so the failed attempt's frames and tensors can be freed
     _free_after_oom(t.device)
     budget = free_memory(t.device) // 2
-    tile = auto_tile(model, pixels[0], pixels[1], t.dtype, t.device, budget) or max(MIN_TILE, min(pixels) // 2)
+    largest = max(pixels)
+    if largest <= MIN_TILE:
+        raise VaeError(f"{kind}: out of memory on a {pixels[1]}x{pixels[0]} image ({failed}), too small to tile")
+    tile = min(auto_tile(model, pixels[0], pixels[1], t.dtype, t.device, budget) or largest, largest // 2)
+    tile = max(MIN_TILE, tile // 8 * 8)
     log.warning("%s: out of memory untiled (%s); retrying tiled with %d px tiles", kind, failed, tile)
     return tiled(model, t, tile, opts)
 
