@@ -1,0 +1,107 @@
+"""Translation between ComfyUI's objects and vae_core. Imports ComfyUI modules; holds no VAE logic of its own.
+
+* :func:`to_comfy_vae` builds ComfyUI's own ``comfy.sd.VAE`` from a vae_core Vae (LDM keys), so every core node and
+  other pack sees a native VAE (no subclass, no duck typing that core changes could break).
+* :func:`engine_for` gives the vae_core engine for ANY incoming ComfyUI VAE, converted once and cached by identity
+  (weakly, so it goes when the VAE goes), kept on the CPU between calls so it never holds VRAM.
+* :func:`guard_comfy_vae` wraps one ComfyUI VAE instance's encode/decode with vae_core's whole-tensor NaN guard.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+
+from ..vae_core import Vae, vae_from_state_dict
+from ..vae_core.precision import GuardState, guarded
+from ..vae_core.tiling import estimate_bytes
+
+log = logging.getLogger(__name__)
+
+_ENGINES: "weakref.WeakKeyDictionary[Any, Vae]" = weakref.WeakKeyDictionary()
+
+
+def to_comfy_vae(vae: Vae) -> Any:
+    """A native ``comfy.sd.VAE`` with ``vae``'s weights (and its GroupNorm eps, which the fp16 fix changes)."""
+    sd = {k: v.detach().cpu() for k, v in vae.model.state_dict().items()}
+    try:
+        cvae = comfy.sd.VAE(sd=sd, metadata={"vae_pack.family": vae.info.family})
+    except TypeError:  # ComfyUI before the metadata argument
+        cvae = comfy.sd.VAE(sd=sd)
+    cvae.throw_exception_if_invalid()
+    eps = {name: m.eps for name, m in vae.model.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    for name, m in cvae.first_stage_model.named_modules():
+        if name in eps and hasattr(m, "eps"):
+            m.eps = eps[name]
+    _ENGINES[cvae] = vae.to("cpu")
+    return cvae
+
+
+def engine_for(cvae: Any) -> Vae:
+    """The vae_core Vae for a ComfyUI VAE, converted from ``get_sd()`` once per VAE object."""
+    vae = _ENGINES.get(cvae)
+    if vae is None:
+        vae = vae_from_state_dict(cvae.get_sd(), name=f"ComfyUI VAE {type(cvae).__name__}")
+        for name, m in cvae.first_stage_model.named_modules():  # carry over eps changed by an fp16 fix
+            mine = dict(vae.model.named_modules()).get(name)
+            if isinstance(mine, torch.nn.GroupNorm) and hasattr(m, "eps"):
+                mine.eps = m.eps
+        _ENGINES[cvae] = vae
+    return vae
+
+
+def run_engine(cvae: Any, fn: Callable[[Vae], torch.Tensor], pixels: int, tiled: bool) -> torch.Tensor:
+    """Run ``fn`` on the engine of ``cvae`` on ComfyUI's VAE device and dtype, freeing room first."""
+    vae = engine_for(cvae)
+    device = getattr(cvae, "device", None) or mm.vae_device()
+    dtype = vae.guard.working_dtype or getattr(cvae, "vae_dtype", torch.float32)
+    need = estimate_bytes(vae.model, pixels if not tiled else min(pixels, 1024 * 1024), dtype)
+    mm.free_memory(need + 2 * sum(p.numel() for p in vae.model.parameters()) * 4, device)
+    vae.to(device=device, dtype=dtype)
+    try:
+        return fn(vae)
+    finally:
+        vae.to("cpu")
+
+
+def progress_and_cancel() -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A per-tile ComfyUI progress bar and the interrupt check (raises ComfyUI's own interrupt exception)."""
+    bar: dict[str, Optional[comfy.utils.ProgressBar]] = {"bar": None}
+
+    def progress(done: int, total: int) -> None:
+        if bar["bar"] is None or bar["bar"].total != total:
+            bar["bar"] = comfy.utils.ProgressBar(total)
+        bar["bar"].update_absolute(done, total)
+
+    return progress, mm.throw_exception_if_processing_interrupted
+
+
+def guard_comfy_vae(cvae: Any) -> Any:
+    """Wrap this VAE instance's ``decode``/``encode`` so non-finite outputs are retried in bf16/fp32 (whole tensor)."""
+    if getattr(cvae, "_vae_pack_guarded", False):
+        return cvae
+    state = GuardState()
+    for name in ("decode", "encode"):
+        original = getattr(cvae, name)
+
+        def wrapped(x: torch.Tensor, *args: Any, _orig: Callable = original, _what: str = name, **kw: Any):
+            def run(dtype: torch.dtype) -> torch.Tensor:
+                if cvae.vae_dtype != dtype:
+                    cvae.first_stage_model.to(dtype)
+                    cvae.vae_dtype = dtype
+                return _orig(x, *args, **kw)
+
+            device = torch.device(getattr(cvae, "device", "cpu"))
+            out, used = guarded(run, state.working_dtype or cvae.vae_dtype, device, state, f"VAE {_what}",
+                                lambda: f"{_what} input range [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+            return out
+
+        setattr(cvae, name, wrapped)
+    cvae._vae_pack_guarded = True
+    return cvae

@@ -1,0 +1,170 @@
+"""ComfyUI nodes (classic V1 API): Load VAE (any format), Tiled VAE Decode/Encode (exact), VAE fp16 fix.
+
+Each node translates ComfyUI types and calls vae_core; logic lives in vae_core and ``comfy_bridge``.
+IMAGE is float32 ``[B, H, W, C]`` in 0..1; LATENT is ``{"samples": raw latents [B, C, H/8, W/8], ...}``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import folder_paths
+
+from ..vae_core import VaeLoadError, load_vae, make_fp16_safe
+from ..vae_core.formats import find_diffusers_folder, is_weight_file
+from .comfy_bridge import engine_for, guard_comfy_vae, progress_and_cancel, run_engine, to_comfy_vae
+
+CATEGORY = "VAE Pack"
+_TILE = ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
+                 "tooltip": "Tile edge in image pixels; 0 = auto (untiled when it fits in free memory)."})
+_MODE = (["exact", "fast"], {"default": "exact", "tooltip": "exact: identical to untiled (several passes over the "
+                             "tiles for exact GroupNorm statistics). fast: one pass, approximate colours."})
+
+
+def _vae_dirs() -> list[Path]:
+    return [Path(p) for p in folder_paths.get_folder_paths("vae") if os.path.isdir(p)]
+
+
+def list_vaes() -> list[str]:
+    """Files in the vae folders plus one entry per diffusers folder (not its inner weights file)."""
+    folders: dict[str, Path] = {}
+    for base in _vae_dirs():
+        for root, dirs, _files in os.walk(base, followlinks=True):
+            dirs.sort()
+            for d in list(dirs):
+                full = Path(root) / d
+                if find_diffusers_folder(full) is not None:
+                    folders[full.relative_to(base).as_posix()] = full
+    inner = tuple(f"{name}/" for name in folders)
+    files = [f for f in folder_paths.get_filename_list("vae")
+             if is_weight_file(f) and not f.replace(os.sep, "/").startswith(inner)]
+    return sorted(set(files) | set(folders))
+
+
+def resolve(name: str) -> Path:
+    full = folder_paths.get_full_path("vae", name)
+    if full and os.path.isfile(full):
+        return Path(full)
+    for base in _vae_dirs():
+        if (base / name).is_dir():
+            return base / name
+    raise VaeLoadError(name, "no file or diffusers folder of that name in the vae model folders",
+                       f"one of {list_vaes()[:6]}")
+
+
+def _to_model(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B,H,W,C] 0..1 → [B,3,H,W] -1..1, centre-cropped to multiples of 8 like ComfyUI's own VAEEncode."""
+    h, w = images.shape[1] // 8 * 8, images.shape[2] // 8 * 8
+    y0, x0 = (images.shape[1] % 8) // 2, (images.shape[2] % 8) // 2
+    return images[:, y0:y0 + h, x0:x0 + w, :3].movedim(-1, 1) * 2.0 - 1.0
+
+
+def _to_image(x: torch.Tensor) -> torch.Tensor:
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).float().cpu()
+
+
+class VaePackLoader:
+    DESCRIPTION = "Loads any SD-family VAE: LDM/diffusers safetensors, .ckpt/.pt/.bin, diffusers folders, VAEs in " \
+                  "full checkpoints. Returns a native ComfyUI VAE that every node accepts."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("VAE", "STRING")
+    RETURN_NAMES = ("vae", "info")
+    OUTPUT_TOOLTIPS = ("The VAE, usable by core VAEDecode/VAEEncode and any other node.",
+                       "Detected format, family, latent channels and scaling, with their sources.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"vae_name": (list_vaes(), {"tooltip": "File or diffusers folder in models/vae."})}}
+
+    def load(self, vae_name: str) -> tuple[Any, str]:
+        vae = load_vae(resolve(vae_name))
+        i = vae.info
+        text = (f"{Path(i.path).name}: {i.family} ({i.sources['family']}), {i.latent_channels} latent channels, "
+                f"scaling {i.scaling_factor} ({i.sources['scaling_factor']}), shift {i.shift_factor}, "
+                f"{i.layout} keys in {i.container}{' under ' + repr(i.prefix) if i.prefix else ''}")
+        return to_comfy_vae(vae), text
+
+
+class VaePackDecodeTiled:
+    DESCRIPTION = "Tiled VAE decode with bounded memory, identical to an untiled decode (no seams, no colour shift)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"samples": ("LATENT",), "vae": ("VAE", {"tooltip": "Any VAE, e.g. from Load "
+                                                                     "Checkpoint."}), "tile_size": _TILE, "mode": _MODE}}
+
+    def decode(self, samples: dict, vae: Any, tile_size: int, mode: str) -> tuple[torch.Tensor]:
+        z = samples["samples"]
+        progress, cancel = progress_and_cancel()
+        tile = tile_size or "auto"
+        out = run_engine(vae, lambda v: v.decode(z, tile=tile, mode=mode, progress=progress, cancel=cancel),
+                         z.shape[-1] * z.shape[-2] * 64 * z.shape[0], tiled=tile != "auto")
+        return (_to_image(out),)
+
+
+class VaePackEncodeTiled:
+    DESCRIPTION = "Tiled VAE encode with bounded memory, identical to an untiled encode."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "tile_size": _TILE, "mode": _MODE}}
+
+    def encode(self, pixels: torch.Tensor, vae: Any, tile_size: int, mode: str) -> tuple[dict]:
+        x = _to_model(pixels)
+        progress, cancel = progress_and_cancel()
+        tile = tile_size or "auto"
+        z = run_engine(vae, lambda v: v.encode(x, tile=tile, mode=mode, progress=progress, cancel=cancel),
+                       x.shape[-1] * x.shape[-2] * x.shape[0], tiled=tile != "auto")
+        return ({"samples": z.float().cpu()},)
+
+
+class VaePackFp16Fix:
+    DESCRIPTION = "Rescales the VAE so it runs in fp16 without NaNs (no training, same output) and adds a NaN guard " \
+                  "that retries in bf16/fp32. Core VAE Decode/Encode then work in fp16."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("VAE", "STRING")
+    RETURN_NAMES = ("vae", "report")
+    FUNCTION = "apply"
+    _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"vae": ("VAE",),
+                             "fix": ("BOOLEAN", {"default": True, "tooltip": "Apply the fp16 rescaling."}),
+                             "precision": (["auto", "fp16", "bf16", "fp32"], {"default": "auto",
+                                           "tooltip": "auto: bf16 where supported, else fp16 with the fix."})}}
+
+    def apply(self, vae: Any, fix: bool, precision: str) -> tuple[Any, str]:
+        import comfy.model_management as mm
+
+        core = engine_for(vae).clone()
+        report = "fp16 fix off"
+        if fix:
+            core = make_fp16_safe(core)
+            report = (f"fp16 fix: largest activation {core.info.fp16_fix['peak_before']:.4g} -> "
+                      f"{core.info.fp16_fix['peak_after']:.4g}")
+        new = to_comfy_vae(core)
+        if precision == "auto":
+            dtype = torch.bfloat16 if mm.should_use_bf16(new.device) else (
+                torch.float16 if new.device.type == "cuda" else torch.float32)
+        else:
+            dtype = self._DTYPES[precision]
+        new.first_stage_model.to(dtype)
+        new.vae_dtype = dtype
+        return guard_comfy_vae(new), f"{report}; running in {str(dtype).replace('torch.', '')} with a NaN guard"
+
+
+NODE_CLASS_MAPPINGS = {"VaePackLoader": VaePackLoader, "VaePackDecodeTiled": VaePackDecodeTiled,
+                       "VaePackEncodeTiled": VaePackEncodeTiled, "VaePackFp16Fix": VaePackFp16Fix}
+NODE_DISPLAY_NAME_MAPPINGS = {"VaePackLoader": "Load VAE (any format)", "VaePackDecodeTiled": "VAE Decode (Tiled, exact)",
+                              "VaePackEncodeTiled": "VAE Encode (Tiled, exact)", "VaePackFp16Fix": "VAE fp16 Fix"}

@@ -1,0 +1,46 @@
+"""Stand-in for ``comfy.model_management`` (tests only)."""
+import torch
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+OOM_EXCEPTION = torch.cuda.OutOfMemoryError
+interrupt_requested = False
+freed: list = []
+
+
+def get_torch_device():
+    return torch.device("cpu")
+
+
+def vae_device():
+    return torch.device("cpu")
+
+
+def vae_offload_device():
+    return torch.device("cpu")
+
+
+def intermediate_device():
+    return torch.device("cpu")
+
+
+def get_free_memory(device=None):
+    return 8 * 2**30
+
+
+def free_memory(memory_required, device, keep_loaded=()):
+    freed.append(int(memory_required))
+
+
+def should_use_bf16(device=None, **kw):
+    return False
+
+
+def throw_exception_if_processing_interrupted():
+    global interrupt_requested
+    if interrupt_requested:
+        interrupt_requested = False
+        raise InterruptProcessingException()

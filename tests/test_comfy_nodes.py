@@ -1,0 +1,163 @@
+"""ComfyUI harness: load the pack as ComfyUI loads a custom-node folder (its ``__init__`` from its path, relative
+imports, mappings), validate the V1 node contract, and run every node on real tensors with the fixture VAE."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+
+import pytest
+import torch
+
+import vae_core
+from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT, SAMPLE
+
+STANDIN = ROOT / "tests" / "comfy_standin"
+CORE_NAMES = {"VAELoader", "VAEDecode", "VAEEncode", "VAEDecodeTiled", "VAEEncodeTiled", "VAEEncodeForInpaint",
+              "CheckpointLoaderSimple", "DiffusersLoader"}
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """The pack imported like ComfyUI's load_custom_node does, with a models/vae folder of every kind of entry."""
+    vae_dir = tmp_path_factory.mktemp("models") / "vae"
+    (vae_dir / "sub").mkdir(parents=True)
+    shutil.copy(MINI_LDM, vae_dir / "mini-ldm.safetensors")
+    shutil.copytree(MINI_DIFFUSERS, vae_dir / "sub" / "mini-diffusers")
+    torch.save(vae_core.load_vae(MINI_LDM).model.state_dict(), vae_dir / "as-bin.bin")
+    (vae_dir / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    sys.path.insert(0, str(STANDIN))
+    for name in [m for m in sys.modules if m == "comfy" or m.startswith("comfy.") or m == "folder_paths"]:
+        del sys.modules[name]
+    import folder_paths
+
+    folder_paths.folder_names_and_paths["vae"] = [str(vae_dir)]
+    spec = importlib.util.spec_from_file_location("vae_pack_under_test", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["vae_pack_under_test"] = pack
+    spec.loader.exec_module(pack)
+    yield pack
+    sys.path.remove(str(STANDIN))
+    for name in [m for m in sys.modules if m.startswith(("comfy", "folder_paths", "vae_pack_under_test"))]:
+        del sys.modules[name]
+
+
+def _node(comfy, name):
+    return comfy.NODE_CLASS_MAPPINGS[name]()
+
+
+def _photo(size=128) -> torch.Tensor:
+    from vae_core.images import load_image
+
+    x = torch.nn.functional.interpolate(load_image(SAMPLE), size=(size, size), mode="area")
+    return ((x + 1) / 2).movedim(1, -1).contiguous()  # IMAGE [1,H,W,3] in 0..1
+
+
+def test_mappings_and_contract(comfy):
+    maps, names = comfy.NODE_CLASS_MAPPINGS, comfy.NODE_DISPLAY_NAME_MAPPINGS
+    assert set(maps) == {"VaePackLoader", "VaePackDecodeTiled", "VaePackEncodeTiled", "VaePackFp16Fix"}
+    assert not set(maps) & CORE_NAMES and set(names) == set(maps)
+    for cls in maps.values():
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"} and spec["required"]
+        for inp in spec["required"].values():
+            assert isinstance(inp, tuple) and isinstance(inp[0], (str, list))
+            assert len(inp) == 1 or isinstance(inp[1], dict)
+        assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+        assert callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY == "VAE Pack" and cls.DESCRIPTION
+        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+
+
+def test_loader_lists_one_entry_per_diffusers_folder(comfy):
+    choices = comfy.NODE_CLASS_MAPPINGS["VaePackLoader"].INPUT_TYPES()["required"]["vae_name"][0]
+    assert "sub/mini-diffusers" in choices and "mini-ldm.safetensors" in choices and "as-bin.bin" in choices
+    assert not any("diffusion_pytorch_model" in c or c.endswith("config.json") for c in choices)
+
+
+def test_loader_returns_native_vae_that_core_nodes_use(comfy):
+    import comfy.sd as csd
+
+    loader = _node(comfy, "VaePackLoader")
+    img = _photo()
+    ref = vae_core.load_vae(MINI_LDM)
+    z_ref = ref.encode(img.movedim(-1, 1) * 2 - 1)
+    y_ref = ((ref.decode(z_ref) + 1) / 2).clamp(0, 1).movedim(1, -1)
+    for name in ("mini-ldm.safetensors", "sub/mini-diffusers", "as-bin.bin"):
+        vae, info = loader.load(name)
+        assert isinstance(vae, csd.VAE) and "sd1" in info and "4 latent channels" in info
+        z = vae.encode(img)  # what core VAEEncode does
+        assert (z - z_ref).abs().max() < 1e-4
+        assert (vae.decode(z) - y_ref).abs().max() < 1e-4  # what core VAEDecode does
+
+
+def test_loader_error_is_the_vaeloaderror_text(comfy):
+    with pytest.raises(ValueError) as err:
+        _node(comfy, "VaePackLoader").load("broken.safetensors")
+    assert "broken.safetensors" in str(err.value) and "expected" in str(err.value)
+    assert type(err.value).__name__ == "VaeLoadError"
+
+
+def test_tiled_nodes_match_direct_round_trip_on_any_vae(comfy):
+    import comfy.sd as csd
+    import comfy.utils as cu
+    from safetensors.torch import load_file
+
+    core_vae = csd.VAE(sd={k: v.float() for k, v in load_file(str(MINI_LDM)).items()})  # e.g. from Load Checkpoint
+    img = _photo(256)
+    ref = vae_core.load_vae(MINI_LDM)
+    z_ref = ref.encode(img.movedim(-1, 1) * 2 - 1)
+    cu.updates.clear()
+    (latent,) = _node(comfy, "VaePackEncodeTiled").encode(img, core_vae, 128, "exact")
+    assert latent["samples"].shape == (1, 4, 32, 32) and (latent["samples"] - z_ref).abs().max() < 1e-3
+    (image,) = _node(comfy, "VaePackDecodeTiled").decode({"samples": z_ref, "batch_index": [0]}, core_vae, 128,
+                                                          "exact")
+    direct = ((ref.decode(z_ref) + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert image.shape == (1, 256, 256, 3) and image.dtype == torch.float32
+    assert (image - direct).abs().max() < 1e-3
+    assert cu.updates and cu.updates[-1][0] == cu.updates[-1][1]  # per-tile progress reached the end
+    (auto,) = _node(comfy, "VaePackDecodeTiled").decode({"samples": z_ref}, core_vae, 0, "exact")
+    assert (auto - direct).abs().max() < 1e-4
+
+
+def test_interrupt_between_tiles(comfy):
+    import comfy.model_management as mm
+    import comfy.sd as csd
+
+    vae, _ = _node(comfy, "VaePackLoader").load("mini-ldm.safetensors")
+    mm.interrupt_requested = True
+    with pytest.raises(mm.InterruptProcessingException):
+        _node(comfy, "VaePackDecodeTiled").decode({"samples": torch.randn(1, 4, 24, 24)}, vae, 64, "exact")
+    assert isinstance(vae, csd.VAE)
+
+
+def test_encode_crops_like_core_vaeencode(comfy):
+    vae, _ = _node(comfy, "VaePackLoader").load("mini-ldm.safetensors")
+    (latent,) = _node(comfy, "VaePackEncodeTiled").encode(_photo(100), vae, 64, "fast")
+    assert latent["samples"].shape == (1, 4, 12, 12)
+
+
+def test_fp16_fix_node_makes_core_decode_finite_in_fp16(comfy):
+    from vae_core.precision import rescale_stream, stream_segments
+
+    big = vae_core.load_vae(MINI_LDM)
+    enc, dec = stream_segments(big.model)
+    rescale_stream(enc, big.model.encoder.norm_out, [256.0] * len(enc))
+    rescale_stream(dec, big.model.decoder.norm_out, [256.0] * len(dec))
+    bridge = sys.modules["vae_pack_under_test.nodes.comfy_bridge"]
+    pack_core = sys.modules["vae_pack_under_test.vae_core"]
+    overflowing = bridge.to_comfy_vae(pack_core.vae_from_state_dict(big.model.state_dict()))
+    img = _photo(64)
+    overflowing.first_stage_model.half()
+    overflowing.vae_dtype = torch.float16
+    assert not torch.isfinite(overflowing.decode(overflowing.encode(img).half())).all()  # really overflows
+    fixed, report = _node(comfy, "VaePackFp16Fix").apply(overflowing, True, "fp16")
+    assert "fp16 fix: largest activation" in report and fixed.vae_dtype == torch.float16
+    y = fixed.decode(fixed.encode(img))
+    assert torch.isfinite(y).all() and fixed.vae_dtype == torch.float16  # no retry was needed
+    ref = vae_core.load_vae(MINI_LDM)
+    y_ref = ((ref.decode(ref.encode(img.movedim(-1, 1) * 2 - 1)) + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert (y - y_ref).abs().max() < 0.02
+    # without the fix the guard catches the overflow and retries in fp32
+    guarded, _ = _node(comfy, "VaePackFp16Fix").apply(overflowing, False, "fp16")
+    assert torch.isfinite(guarded.decode(guarded.encode(img))).all() and guarded.vae_dtype == torch.float32
