@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 from typing import Any, Callable, Optional
@@ -18,7 +19,7 @@ import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
 
-from ..vae_core import Vae, vae_from_state_dict
+from ..vae_core import Vae, VaeLoadError, vae_from_state_dict
 from ..vae_core.precision import GuardState, guarded
 from ..vae_core.tiling import estimate_bytes
 
@@ -30,10 +31,10 @@ _ENGINES: "weakref.WeakKeyDictionary[Any, Vae]" = weakref.WeakKeyDictionary()
 def to_comfy_vae(vae: Vae) -> Any:
     """A native ``comfy.sd.VAE`` with ``vae``'s weights (and its GroupNorm eps, which the fp16 fix changes)."""
     sd = {k: v.detach().cpu() for k, v in vae.model.state_dict().items()}
-    try:
-        cvae = comfy.sd.VAE(sd=sd, metadata={"vae_pack.family": vae.info.family})
-    except TypeError:  # ComfyUI before the metadata argument
-        cvae = comfy.sd.VAE(sd=sd)
+    kwargs: dict[str, Any] = {"sd": sd, "config": comfy_config(vae)}
+    if "metadata" in inspect.signature(comfy.sd.VAE.__init__).parameters:
+        kwargs["metadata"] = {"vae_pack.family": vae.info.family}
+    cvae = comfy.sd.VAE(**kwargs)
     cvae.throw_exception_if_invalid()
     eps = {name: m.eps for name, m in vae.model.named_modules() if isinstance(m, torch.nn.GroupNorm)}
     for name, m in cvae.first_stage_model.named_modules():
@@ -41,6 +42,22 @@ def to_comfy_vae(vae: Vae) -> Any:
             m.eps = eps[name]
     _ENGINES[cvae] = vae.to("cpu")
     return cvae
+
+
+def comfy_config(vae: Vae) -> Optional[dict]:
+    """``config`` for ``comfy.sd.VAE``: None for SD's own shapes (ComfyUI detects SD1/2/XL/SD3/Flux itself), an LDM
+    ``ddconfig`` for other widths (ComfyUI would otherwise assume SD's 128/256/512/512)."""
+    cfg = vae.model.config
+    if cfg.ch == 128 and tuple(cfg.ch_mult) == (1, 2, 4, 4) and cfg.num_res_blocks == 2 and cfg.norm_groups == 32:
+        return None
+    if not cfg.use_quant_conv or cfg.norm_groups != 32:
+        raise VaeLoadError(vae.info.path, f"a VAE with widths {[cfg.ch * m for m in cfg.ch_mult]}, "
+                           f"{cfg.norm_groups} groups and quant convs {'on' if cfg.use_quant_conv else 'off'}",
+                           "SD's widths, or quant convs and 32 groups, to build a ComfyUI VAE")
+    dd = {"double_z": True, "z_channels": cfg.z_channels, "resolution": 256, "in_channels": cfg.in_channels,
+          "out_ch": cfg.out_channels, "ch": cfg.ch, "ch_mult": list(cfg.ch_mult), "num_res_blocks": cfg.num_res_blocks,
+          "attn_resolutions": [], "dropout": 0.0}
+    return {"params": {"ddconfig": dd, "embed_dim": cfg.embed_dim}}
 
 
 def engine_for(cvae: Any) -> Vae:

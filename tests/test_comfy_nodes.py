@@ -103,7 +103,8 @@ def test_tiled_nodes_match_direct_round_trip_on_any_vae(comfy):
     import comfy.utils as cu
     from safetensors.torch import load_file
 
-    core_vae = csd.VAE(sd={k: v.float() for k, v in load_file(str(MINI_LDM)).items()})  # e.g. from Load Checkpoint
+    core_vae = csd.VAE(sd={k: v.float() for k, v in load_file(str(MINI_LDM)).items()},  # e.g. from Load Checkpoint
+                       config=sys.modules["vae_pack_under_test.nodes.comfy_bridge"].comfy_config(vae_core.load_vae(MINI_LDM)))
     img = _photo(256)
     ref = vae_core.load_vae(MINI_LDM)
     z_ref = ref.encode(img.movedim(-1, 1) * 2 - 1)

@@ -35,7 +35,7 @@ from torch import nn
 from .errors import VaeError, VaeInputError
 from .model import NORM_HOOK, AutoencoderKL, GroupNorm
 
-__all__ = ["TileOptions", "decode", "encode", "auto_tile", "is_oom", "Cancelled", "MIN_TILE", "estimate_bytes"]
+__all__ = ["TileOptions", "decode", "encode", "decoder_forward", "encoder_forward", "auto_tile", "is_oom", "Cancelled", "MIN_TILE", "estimate_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -383,39 +383,43 @@ def _check_mode(opts: TileOptions) -> None:
         raise VaeInputError(f"mode={opts.mode!r}: expected 'exact' or 'fast'")
 
 
-def decode_tiled(model: AutoencoderKL, z: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
-    """Tiled decode of raw latents ``z`` ``[B, C, h, w]`` → ``[B, 3, 8h, 8w]`` (dtype of the model)."""
+def decoder_forward_tiled(model: AutoencoderKL, h: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
+    """Tiled ``model.decoder`` forward: decoder input ``[B, z, h, w]`` (after post_quant_conv) → ``[B, 3, 8h, 8w]``
+    in the model's dtype. Untiled when one tile covers the latent."""
     _check_mode(opts)
     dec, down = model.decoder, model.config.downscale
     core = max(1, tile // down)
-    b, _, h, w = z.shape
-    if core >= h and core >= w:
-        return model.decode(z)
+    b, _, lh, lw = h.shape
+    if core >= lh and core >= lw:
+        return dec(h)
     stages = decoder_stages(model)
-    sizes = [(h * 2**i, w * 2**i) for i in range(len(stages) + 1)]
-    plan = _plan(stages, sizes, (h, w), core)
+    sizes = [(lh * 2**i, lw * 2**i) for i in range(len(stages) + 1)]
+    plan = _plan(stages, sizes, (lh, lw), core)
+
+    def low(t: torch.Tensor) -> torch.Tensor:
+        t = dec.stem(t)
+        for blk in dec.up[-1].block:
+            t = blk(t)
+        return t
+
     out = None
     for i in range(b):
-        def low(zz: torch.Tensor) -> torch.Tensor:
-            x = dec.stem(model.decode_input(zz))
-            for blk in dec.up[-1].block:
-                x = blk(x)
-            return x
-        ph, pw = _proxy_shape(h, w, down, opts.proxy_pixels or max(256 * 256, tile * tile))
-        zp = F.adaptive_avg_pool2d(z[i:i + 1], (ph, pw)) if (ph, pw) != (h, w) else z[i:i + 1]
+        ph, pw = _proxy_shape(lh, lw, down, opts.proxy_pixels or max(256 * 256, tile * tile))
+        hp = F.adaptive_avg_pool2d(h[i:i + 1], (ph, pw)) if (ph, pw) != (lh, lw) else h[i:i + 1]
         proxy_plan = Plan(stages, [(ph * 2**k, pw * 2**k) for k in range(len(stages) + 1)], [((0, ph), (0, pw))])
-        hook = _Hook(None)
-        _run_tile(proxy_plan, low(zp), (0, ph), (0, pw), hook, None)
-        h0 = low(z[i:i + 1])
+        proxy = _Hook(None)
+        _run_tile(proxy_plan, low(hp), (0, ph), (0, pw), proxy, None)
+        h0 = low(h[i:i + 1])
         if out is None:
-            out = torch.empty((b, model.config.out_channels, h * down, w * down), device=z.device, dtype=h0.dtype)
-        _tiled_stages(plan, h0, hook, out[i:i + 1], opts)
+            out = torch.empty((b, model.config.out_channels, lh * down, lw * down), device=h.device, dtype=h0.dtype)
+        _tiled_stages(plan, h0, proxy, out[i:i + 1], opts)
         del h0
     return out
 
 
-def encode_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
-    """Tiled encode of images ``x`` ``[B, 3, H, W]`` → raw posterior mean ``[B, C, H//8, W//8]``."""
+def encoder_forward_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
+    """Tiled ``model.encoder`` forward: images ``[B, 3, H, W]`` → moments ``[B, 2z, H//8, W//8]`` (before
+    quant_conv), in the model's dtype. Untiled when one tile covers the latent."""
     _check_mode(opts)
     enc, down = model.encoder, model.config.downscale
     b, _, hh, ww = x.shape
@@ -426,10 +430,10 @@ def encode_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts: TileOpt
     lat = sizes[-1]
     core = max(1, tile // down)
     if core >= lat[0] and core >= lat[1]:
-        return model.encode(x)
+        return enc(x)
     plan = _plan(stages, sizes, lat, core)
     widths = [model.config.ch * m for m in model.config.ch_mult]
-    means = []
+    moments = []
     for i in range(b):
         ph, pw = _proxy_shape(hh, ww, 1, opts.proxy_pixels or max(256 * 256, tile * tile))
         ph, pw = max(down, ph // down * down), max(down, pw // down * down)
@@ -437,15 +441,25 @@ def encode_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts: TileOpt
         psizes = [(ph, pw)]
         for _ in stages:
             psizes.append((psizes[-1][0] // 2, psizes[-1][1] // 2))
-        hook = _Hook(None)
+        proxy = _Hook(None)
         _run_tile(Plan(stages, psizes, [((0, psizes[-1][0]), (0, psizes[-1][1]))]), xp, (0, psizes[-1][0]),
-                  (0, psizes[-1][1]), hook, None)
+                  (0, psizes[-1][1]), proxy, None)
         low = torch.empty((1, widths[-2], lat[0], lat[1]), device=x.device, dtype=x.dtype)
-        _tiled_stages(plan, x[i:i + 1], hook, low, opts)
+        _tiled_stages(plan, x[i:i + 1], proxy, low, opts)
         for blk in enc.down[-1].block:
             low = blk(low)
-        means.append(model.moments_to_mean(enc.head(low)))
-    return torch.cat(means)
+        moments.append(enc.head(low))
+    return torch.cat(moments)
+
+
+def decode_tiled(model: AutoencoderKL, z: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
+    """Tiled decode of raw latents ``z`` ``[B, C, h, w]`` → ``[B, 3, 8h, 8w]`` (dtype of the model)."""
+    return decoder_forward_tiled(model, model.decode_input(z), tile, opts)
+
+
+def encode_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
+    """Tiled encode of images ``x`` ``[B, 3, H, W]`` → raw posterior mean ``[B, C, H//8, W//8]``."""
+    return model.moments_to_mean(encoder_forward_tiled(model, x, tile, opts))
 
 
 def _free_after_oom(device: torch.device) -> None:
@@ -488,6 +502,19 @@ def _run(kind: str, model: AutoencoderKL, t: torch.Tensor, opts: TileOptions, pi
     tile = max(MIN_TILE, tile // 8 * 8)
     log.warning("%s: out of memory untiled (%s); retrying tiled with %d px tiles", kind, failed, tile)
     return tiled(model, t, tile, opts)
+
+
+def decoder_forward(model: AutoencoderKL, h: torch.Tensor, opts: Optional[TileOptions] = None) -> torch.Tensor:
+    """``model.decoder`` forward per ``opts`` (post-quant latent → image), with the same OOM fallback."""
+    opts = opts or TileOptions()
+    f = model.config.downscale
+    return _run("decode", model, h, opts, (h.shape[2] * f, h.shape[3] * f), model.decoder, decoder_forward_tiled)
+
+
+def encoder_forward(model: AutoencoderKL, x: torch.Tensor, opts: Optional[TileOptions] = None) -> torch.Tensor:
+    """``model.encoder`` forward per ``opts`` (image → moments), with the same OOM fallback."""
+    opts = opts or TileOptions()
+    return _run("encode", model, x, opts, (x.shape[2], x.shape[3]), model.encoder, encoder_forward_tiled)
 
 
 def decode(model: AutoencoderKL, z: torch.Tensor, opts: Optional[TileOptions] = None) -> torch.Tensor:

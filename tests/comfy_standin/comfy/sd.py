@@ -3,14 +3,21 @@ vae_core's model, whose parameter names are ComfyUI's LDM names."""
 import torch
 
 from vae_core.convert import infer_config
-from vae_core.model import AutoencoderKL
+from vae_core.model import AutoencoderKL, ModelConfig
 
 
 class VAE:
     def __init__(self, sd=None, device=None, config=None, dtype=None, metadata=None):
         if "decoder.up_blocks.0.resnets.0.norm1.weight" in sd:
             raise NotImplementedError("stand-in: diffusers keys are converted by the real ComfyUI only")
-        self.first_stage_model = AutoencoderKL(infer_config(sd)).eval()
+        inferred = infer_config(sd)
+        if config is None and inferred.ch != 128:
+            raise RuntimeError("stand-in: like ComfyUI, a config-less VAE is built with SD's widths (ch 128)")
+        if config is not None:
+            dd = config["params"]["ddconfig"]
+            inferred = ModelConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                                   z_channels=dd["z_channels"], embed_dim=config["params"]["embed_dim"])
+        self.first_stage_model = AutoencoderKL(inferred).eval()
         self.first_stage_model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
         self.downscale_ratio = self.upscale_ratio = 8
         self.latent_channels = self.first_stage_model.config.latent_channels

@@ -1,0 +1,177 @@
+"""Integration test against a REAL ComfyUI checkout (runs only when COMFYUI_PATH points at one).
+
+    COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/its/venv/bin/python python -m pytest tests/test_comfy_real.py
+
+Starts ``main.py --cpu`` on 127.0.0.1 with this pack as a custom node (through a base directory of its own), checks
+``/object_info``, posts the example workflows (API format, and the UI-format ones converted with the server's own
+widget order), waits on ``/history`` and compares the saved images with a direct vae_core round trip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vae_core
+from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT, SAMPLE
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
+EXAMPLES = ROOT / "examples"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        raise AssertionError(f"POST {url}: {err.code} {err.read().decode()[:2000]}") from err
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "custom_nodes").mkdir()
+    os.symlink(ROOT, base / "custom_nodes" / "vae-pack")
+    (base / "models" / "vae").mkdir(parents=True)
+    shutil.copy(MINI_LDM, base / "models" / "vae")
+    shutil.copytree(MINI_DIFFUSERS, base / "models" / "vae" / "mini-vae")
+    for d in ("input", "output", "temp", "user", "frontend"):
+        (base / d).mkdir()
+    shutil.copy(SAMPLE, base / "input" / "sample.png")
+    port = _port()
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
+         "--front-end-root", str(base / "frontend"), "--disable-auto-launch", "--output-directory",
+         str(base / "output"), "--input-directory", str(base / "input")],
+        cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                break
+            try:
+                info = _get(f"{url}/object_info")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        else:
+            info = None
+        if proc.poll() is not None or info is None:
+            raise AssertionError("ComfyUI did not start:\n" + (base / "server.log").read_text()[-4000:])
+        yield url, info, base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print((base / "server.log").read_text()[-3000:])
+
+
+def _run(url: str, base: Path, graph: dict) -> dict:
+    pid = _post(f"{url}/prompt", {"prompt": graph, "client_id": "vae-pack-test"})["prompt_id"]
+    for _ in range(1200):
+        hist = _get(f"{url}/history/{pid}")
+        if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+            entry = hist[pid]
+            assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+            return entry["outputs"]
+        time.sleep(0.5)
+    raise AssertionError("workflow did not finish: " + (base / "server.log").read_text()[-3000:])
+
+
+def _saved(base: Path, outputs: dict, node: str) -> np.ndarray:
+    from PIL import Image
+
+    img = outputs[node]["images"][0]
+    return np.asarray(Image.open(base / "output" / img["subfolder"] / img["filename"]), dtype=np.float32)
+
+
+def _direct_roundtrip(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    vae = vae_core.load_vae(path)
+    x = torch.from_numpy(np.asarray(Image.open(SAMPLE).convert("RGB"), dtype=np.float32).copy())[None] / 255.0
+    y = vae.decode(vae.encode(x.movedim(-1, 1) * 2 - 1))
+    return (((y + 1) / 2).clamp(0, 1).movedim(1, -1)[0].numpy() * 255.0)
+
+
+def ui_to_api(workflow: dict, info: dict) -> dict:
+    """Convert a UI-format workflow to API format with the server's own widget order (as the frontend does)."""
+    links = {lk[0]: lk for lk in workflow["links"]}
+    graph = {}
+    for node in workflow["nodes"]:
+        spec = info[node["type"]]["input"]
+        order = info[node["type"]]["input_order"]["required"] + info[node["type"]]["input_order"].get("optional", [])
+        linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+        widgets = iter(node.get("widgets_values", []))
+        inputs = {}
+        for name in order:
+            if name in linked:
+                lk = links[linked[name]]
+                inputs[name] = [str(lk[1]), lk[2]]
+            else:
+                kind = {**spec.get("required", {}), **spec.get("optional", {})}[name][0]
+                inputs[name] = next(widgets)
+                if kind == "IMAGEUPLOAD" or (isinstance(kind, list) and name == "image"):
+                    next(widgets, None)  # LoadImage's upload widget value
+        graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return graph
+
+
+def test_object_info_lists_our_nodes(server):
+    _, info, _ = server
+    for name in ("VaePackLoader", "VaePackDecodeTiled", "VaePackEncodeTiled", "VaePackFp16Fix"):
+        assert name in info and info[name]["category"] == "VAE Pack"
+    choices = info["VaePackLoader"]["input"]["required"]["vae_name"][0]
+    assert "mini-vae" in choices and "mini-vae-ldm.safetensors" in choices
+    assert not any("diffusion_pytorch_model" in c for c in choices)
+
+
+def test_tiled_workflow_and_core_decode_match_direct_roundtrip(server):
+    url, _, base = server
+    graph = json.loads((EXAMPLES / "tiled_roundtrip.api.json").read_text())
+    outputs = _run(url, base, graph)
+    direct = _direct_roundtrip(MINI_LDM)
+    for node in ("5", "7"):  # our tiled decode, and core VAEDecode with our VAE
+        assert np.abs(_saved(base, outputs, node) - direct).max() <= 2.0
+
+
+def test_fp16_fix_workflow_runs_core_nodes(server):
+    url, _, base = server
+    outputs = _run(url, base, json.loads((EXAMPLES / "fp16_fix.api.json").read_text()))
+    assert np.abs(_saved(base, outputs, "6") - _direct_roundtrip(MINI_DIFFUSERS)).max() <= 2.0
+
+
+def test_ui_format_examples_run(server):
+    url, info, base = server
+    for name in ("tiled_roundtrip.workflow.json", "fp16_fix.workflow.json"):
+        graph = ui_to_api(json.loads((EXAMPLES / name).read_text()), info)
+        assert graph == json.loads((EXAMPLES / name.replace(".workflow.", ".api.")).read_text()), name
+        assert _run(url, base, graph)
