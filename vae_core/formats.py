@@ -24,12 +24,12 @@ import torch
 
 from .errors import VaeLoadError
 
-__all__ = ["RawWeights", "read_weights", "find_diffusers_folder", "WEIGHT_SUFFIXES", "is_weight_file"]
+__all__ = ["RawWeights", "read_weights", "find_diffusers_folder", "WEIGHT_SUFFIXES", "DIFFUSERS_NAMES", "is_weight_file"]
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
-_DIFFUSERS_NAMES = (
+DIFFUSERS_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",
     "diffusion_pytorch_model.bin",
@@ -158,8 +158,8 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str
 def find_diffusers_folder(path: Path) -> Optional[Path]:
     """Return the folder holding a diffusers VAE ``config.json`` (``path`` itself or ``path/vae``), or None."""
     for cand in (path, path / "vae"):
-        if (cand / "config.json").is_file() and any((cand / n).is_file() for n in _DIFFUSERS_NAMES + tuple(
-                n + ".index.json" for n in _DIFFUSERS_NAMES[:2])):
+        if (cand / "config.json").is_file() and any((cand / n).is_file() for n in DIFFUSERS_NAMES + tuple(
+                n + ".index.json" for n in DIFFUSERS_NAMES[:2])):
             return cand
         if (cand / "config.json").is_file() and list(cand.glob("diffusion_pytorch_model*.safetensors")):
             return cand
@@ -179,14 +179,14 @@ def _read_folder(path: Path) -> RawWeights:
         raise VaeLoadError(folder / "config.json", f"invalid JSON ({exc})", "a diffusers config.json") from exc
     if not isinstance(config, dict):
         raise VaeLoadError(folder / "config.json", f"a JSON {type(config).__name__}", "a JSON object")
-    for name in _DIFFUSERS_NAMES:
+    for name in DIFFUSERS_NAMES:
         index = folder / (name + ".index.json")
         if index.is_file():
             return _read_shards(path, folder, index, config)
         if (folder / name).is_file():
             sd, meta, _ = _read_file(folder / name)
             return RawWeights(sd, "diffusers-folder", path, folder / name, meta, config)
-    raise VaeLoadError(folder, "config.json but no weights file", f"one of {list(_DIFFUSERS_NAMES)}")
+    raise VaeLoadError(folder, "config.json but no weights file", f"one of {list(DIFFUSERS_NAMES)}")
 
 
 def _read_shards(path: Path, folder: Path, index: Path, config: dict) -> RawWeights:

@@ -1,0 +1,210 @@
+"""A1111 extension against the v1.10.1 stand-in: dropdown entries for every format, strict loads, reload without
+double wrapping, tiled hooks installed and restored, NaN retry and the fp16 fix."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vae_core
+from vae_core.images import psnr
+from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT
+
+STANDIN = ROOT / "tests" / "a1111_standin"
+
+
+def _load_script():
+    """Import scripts/vae_pack.py as A1111 does: extension root on sys.path only while importing."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec = importlib.util.spec_from_file_location("vae_pack.py", ROOT / "scripts" / "vae_pack.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def a1111(tmp_path_factory, monkeypatch_module):
+    models = tmp_path_factory.mktemp("a1111") / "models"
+    vae_dir = models / "VAE"
+    (vae_dir / "nested").mkdir(parents=True)
+    shutil.copy(MINI_LDM, vae_dir / "mini-ldm.safetensors")
+    shutil.copytree(MINI_DIFFUSERS, vae_dir / "mini-vae")
+    ldm = load_file(str(MINI_LDM))
+    torch.save({"state_dict": ldm}, vae_dir / "as-bin.bin")
+    save_file({f"first_stage_model.{k}": v for k, v in ldm.items()} | {"model.diffusion_model.x": torch.zeros(1)},
+              str(vae_dir / "full-checkpoint.safetensors"))
+    shutil.copytree(MINI_DIFFUSERS, vae_dir / "nested" / "mini-vae")  # same folder name twice
+    monkeypatch_module.setenv("A1111_STANDIN_MODELS", str(models))
+    monkeypatch_module.syspath_prepend(str(STANDIN))
+    for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.") or m.startswith("webui_extension")]:
+        del sys.modules[name]
+    import ldm_standin
+    from modules import devices, script_callbacks, sd_vae, shared, shared_items
+
+    original_refresh = sd_vae.refresh_vae_list
+    script = _load_script()
+    sd_model = ldm_standin.SdModel(vae_core.load_vae(MINI_LDM).model.config)
+    shared.sd_model = sd_model
+    sd_vae.refresh_vae_list()  # A1111 refreshes right after loading the scripts
+    yield dict(sd_vae=sd_vae, shared=shared, shared_items=shared_items, devices=devices, script=script,
+               callbacks=script_callbacks, sd_model=sd_model, original_refresh=original_refresh, vae_dir=vae_dir)
+    script_callbacks.script_unloaded_callback()
+    for name in [m for m in sys.modules if m == "modules" or m.startswith(("modules.", "webui_extension"))]:
+        del sys.modules[name]
+    sys.modules.pop("ldm_standin", None)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_dropdown_lists_every_format_with_unique_names(a1111):
+    vd = a1111["sd_vae"].vae_dict
+    assert {"mini-ldm.safetensors", "mini-vae", "mini-vae (2)", "as-bin.bin", "full-checkpoint.safetensors"} <= set(vd)
+    assert "diffusion_pytorch_model.safetensors" not in vd
+    assert all(__import__("os").path.isfile(p) for p in vd.values())
+    items = a1111["shared_items"].sd_vae_items()
+    assert items[:2] == ["Automatic", "None"] and "mini-vae" in items
+
+
+def test_selecting_each_entry_strict_loads_ldm_weights(a1111):
+    sd_vae, sd_model = a1111["sd_vae"], a1111["sd_model"]
+    expected = {k: v.float() for k, v in load_file(str(MINI_LDM)).items()}
+    for name in ("mini-vae", "as-bin.bin", "full-checkpoint.safetensors", "mini-ldm.safetensors", "mini-vae (2)"):
+        sd_vae.reload_vae_weights(sd_model, sd_vae.vae_dict[name])
+        got = sd_model.first_stage_model.state_dict()
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[k].float(), expected[k]) for k in expected), name
+        assert sd_vae.get_loaded_vae_name() == name
+        assert sd_vae.get_loaded_vae_hash()
+        assert "diffusion_pytorch_model.safetensors" not in sd_vae.vae_dict
+    sd_vae.reload_vae_weights(sd_model, None)  # back to the checkpoint's own VAE
+
+
+def test_bad_file_in_dropdown_raises_clear_error(a1111):
+    bad = a1111["vae_dir"] / "broken.pt"
+    bad.write_bytes(b"garbage")
+    try:
+        a1111["sd_vae"].refresh_vae_list()
+        with pytest.raises(vae_core.VaeLoadError, match="broken.pt"):
+            a1111["sd_vae"].load_vae_dict(str(bad), "cpu")
+    finally:
+        bad.unlink()
+        a1111["sd_vae"].refresh_vae_list()
+
+
+def test_reload_ui_never_wraps_twice_and_uninstall_restores(a1111):
+    sd_vae = a1111["sd_vae"]
+    a1111["callbacks"].script_unloaded_callback()  # "Reload UI": unload, then import the scripts again
+    assert sd_vae.refresh_vae_list is a1111["original_refresh"]
+    _load_script()
+    _load_script()
+    assert sd_vae._vae_pack_originals["refresh_vae_list"] is a1111["original_refresh"]
+    assert getattr(sd_vae.refresh_vae_list, "_vae_pack", False)
+    sd_vae.refresh_vae_list()
+    assert "mini-vae" in sd_vae.vae_dict
+    a1111["callbacks"].script_unloaded_callback()  # A1111 clears callbacks on reload, then imports again
+    _load_script()
+    assert len(a1111["callbacks"].callbacks["model_loaded"]) == 1
+    assert sd_vae._vae_pack_originals["refresh_vae_list"] is a1111["original_refresh"]
+
+
+def _processing(a1111):
+    script_mod = sys.modules["webui_extension.script"]
+    return script_mod.VaePackScript(), type("P", (), {"sd_model": a1111["sd_model"], "extra_generation_params": {}})()
+
+
+def test_tiled_hooks_install_and_restore(a1111, image_512):
+    sd_model = a1111["sd_model"]
+    fsm = sd_model.first_stage_model
+    a1111["sd_vae"].reload_vae_weights(sd_model, a1111["sd_vae"].vae_dict["mini-ldm.safetensors"])
+    x = torch.nn.functional.interpolate(image_512, size=(256, 256), mode="area")
+    ref_post = sd_model.encode_first_stage(x).parameters
+    z = sd_model.encode_first_stage(x).mean * sd_model.scale_factor
+    ref = sd_model.decode_first_stage(z)
+    script, p = _processing(a1111)
+    script.process(p, True, 128, 128, "exact")
+    assert "forward" in fsm.encoder.__dict__ and "forward" in fsm.decoder.__dict__
+    assert p.extra_generation_params["VAE tiling"] == "exact, enc 128, dec 128"
+    tiled_post = sd_model.encode_first_stage(x).parameters  # img2img / hires encode path
+    tiled = sd_model.decode_first_stage(z)  # txt2img / hires decode path
+    script.postprocess(p, None)
+    assert "forward" not in fsm.encoder.__dict__ and "forward" not in fsm.decoder.__dict__
+    assert psnr(ref, tiled) >= 50 and (tiled_post - ref_post).abs().max() < 1e-3
+    assert torch.equal(sd_model.decode_first_stage(z), ref)  # restored: the original forward again
+    script.process(p, False, 128, 128, "exact")  # disabled: nothing installed
+    assert "forward" not in fsm.decoder.__dict__
+
+
+def test_nan_guard_checks_whole_tensor_and_retries(a1111, caplog):
+    sd_model, devices = a1111["sd_model"], a1111["devices"]
+    fsm = sd_model.first_stage_model
+    a1111["sd_vae"].reload_vae_weights(sd_model, a1111["sd_vae"].vae_dict["mini-ldm.safetensors"])
+    devices.dtype_vae = torch.bfloat16
+    fsm.to(torch.bfloat16)
+    real = fsm.decoder.forward
+
+    def last_pixel_nan(h):
+        y = real(h)
+        if y.dtype != torch.float32:
+            y[-1, -1, -1, -1] = float("nan")  # A1111's own check reads element 0 only and would miss this
+        return y
+
+    fsm.decoder.forward = last_pixel_nan
+    try:
+        a1111["callbacks"].model_loaded_callback(sd_model)  # installs the guard
+        with caplog.at_level(logging.WARNING):
+            y = sd_model.decode_first_stage(torch.randn(1, 4, 8, 8))
+        devices.test_for_nans(y, "vae")
+        assert torch.isfinite(y).all() and y.dtype == torch.float32
+        assert devices.dtype_vae == torch.float32 and "retrying in float32" in caplog.text
+        with pytest.raises(vae_core.VaeError):
+            sd_model.decode_first_stage(torch.full((1, 4, 8, 8), float("nan")))
+    finally:
+        del fsm.decoder.forward
+        devices.dtype_vae = torch.float32
+        fsm.to(torch.float32)
+
+
+def test_fp16_fix_applied_on_model_load(a1111, tmp_path):
+    from vae_core.precision import rescale_stream, stream_segments
+
+    sd_vae, sd_model, devices = a1111["sd_vae"], a1111["sd_model"], a1111["devices"]
+    big = vae_core.load_vae(MINI_LDM)
+    enc, dec = stream_segments(big.model)
+    rescale_stream(enc, big.model.encoder.norm_out, [256.0] * len(enc))
+    rescale_stream(dec, big.model.decoder.norm_out, [256.0] * len(dec))
+    vae_core.save_vae(big, a1111["vae_dir"] / "overflowing.safetensors", dtype="fp32")
+    sd_vae.refresh_vae_list()
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    ref_model = vae_core.load_vae(MINI_LDM)
+    ref = ref_model.decode(ref_model.encode(x))
+    devices.dtype_vae = torch.float16
+    try:
+        sd_vae.reload_vae_weights(sd_model, sd_vae.vae_dict["overflowing.safetensors"])
+        fsm = sd_model.first_stage_model
+        assert next(fsm.parameters()).dtype == torch.float16 and fsm._vae_pack_fixed
+        with torch.no_grad():
+            y = fsm.decode(fsm.encode(x.half()).mean)
+        assert y.dtype == torch.float16 and torch.isfinite(y).all()
+        assert (y.float() - ref).abs().max() < 0.05
+        stamp = fsm._vae_pack_fixed
+        a1111["callbacks"].model_loaded_callback(sd_model)  # same weights: not rescaled twice
+        assert fsm._vae_pack_fixed == stamp
+    finally:
+        devices.dtype_vae = torch.float32
+        sd_vae.reload_vae_weights(sd_model, None)
+        sd_model.first_stage_model.to(torch.float32)
+        (a1111["vae_dir"] / "overflowing.safetensors").unlink()
+

@@ -1,0 +1,161 @@
+"""Hooks on A1111's ``first_stage_model`` (ldm ``AutoencoderKL`` or sgm's wrapper; both have encoder/decoder).
+
+* :func:`engine_model` — a vae_core AutoencoderKL that shares A1111's Parameter objects (built on the meta device,
+  then the parameters are assigned), so it costs no memory and follows ``load_state_dict`` and ``.to()``.
+* :func:`install_tiled` / :func:`restore_tiled` — swap ``encoder.forward``/``decoder.forward`` for the vae_core
+  tiled engine during processing, and put back exactly what was there.
+* :func:`install_guard` — whole-tensor NaN check on ``first_stage_model.encode``/``decode``; retries in bf16 (where
+  native) then fp32, and sets ``devices.dtype_vae`` like A1111's own retry does.
+* :func:`apply_fp16_fix` — rescale the weights in place (GroupNorm eps too) when the VAE runs in fp16.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from vae_core import tiling
+from vae_core.convert import infer_config
+from vae_core.model import AutoencoderKL
+from vae_core.precision import GuardState, fp16_fix_model, guarded
+
+log = logging.getLogger(__name__)
+
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, AutoencoderKL]" = weakref.WeakKeyDictionary()
+_VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def _norms(module: nn.Module) -> dict[str, nn.GroupNorm]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, nn.GroupNorm)}
+
+
+def engine_model(fsm: nn.Module) -> AutoencoderKL:
+    """vae_core model sharing ``fsm``'s parameters (rebuilt if A1111 replaced a Parameter object)."""
+    params = {k: v for k, v in fsm.named_parameters() if k.startswith(_VAE_KEYS)}
+    model = _ENGINES.get(fsm)
+    if model is None or any(p is not params.get(k) for k, p in model.named_parameters()):
+        with torch.device("meta"):
+            model = AutoencoderKL(infer_config(params, "first_stage_model")).eval()
+        for key in dict(model.named_parameters()):
+            owner, leaf = model.get_submodule(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1]
+            owner._parameters[leaf] = params[key]
+        _ENGINES[fsm] = model
+    theirs = _norms(fsm)
+    for name, m in _norms(model).items():
+        if name in theirs:
+            m.eps = theirs[name].eps
+    return model
+
+
+def install_tiled(fsm: nn.Module, encoder_tile: Any, decoder_tile: Any, mode: str,
+                  cancel: Optional[Callable[[], object]] = None) -> None:
+    """Route ``fsm.encoder``/``fsm.decoder`` forwards through the vae_core engine (``tile`` 0 → "auto")."""
+    restore_tiled(fsm)
+    saved = {part: getattr(fsm, part).__dict__.get("forward") for part in ("encoder", "decoder")}
+
+    def encoder_forward(x: torch.Tensor) -> torch.Tensor:
+        opts = tiling.TileOptions(tile=encoder_tile or "auto", mode=mode, cancel=cancel)
+        return tiling.encoder_forward(engine_model(fsm), x, opts)
+
+    def decoder_forward(z: torch.Tensor, **_: Any) -> torch.Tensor:
+        opts = tiling.TileOptions(tile=decoder_tile or "auto", mode=mode, cancel=cancel)
+        return tiling.decoder_forward(engine_model(fsm), z, opts)
+
+    fsm.encoder.forward = encoder_forward
+    fsm.decoder.forward = decoder_forward
+    fsm._vae_pack_saved_forwards = saved
+
+
+def restore_tiled(fsm: nn.Module) -> None:
+    saved = fsm.__dict__.pop("_vae_pack_saved_forwards", None)
+    if saved is None:
+        return
+    for part, fwd in saved.items():
+        mod = getattr(fsm, part)
+        if fwd is None:
+            mod.__dict__.pop("forward", None)
+        else:
+            mod.forward = fwd
+
+
+def _tensor_of(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for attr in ("parameters", "mean"):  # ldm's DiagonalGaussianDistribution
+        if isinstance(getattr(out, attr, None), torch.Tensor):
+            return getattr(out, attr)
+    raise TypeError(f"first_stage_model output of type {type(out).__name__}: no tensor to check")
+
+
+def install_guard(fsm: nn.Module, devices: Any) -> None:
+    """Whole-output NaN/inf check with bf16/fp32 retry on ``fsm.encode`` and ``fsm.decode`` (idempotent)."""
+    if getattr(fsm, "_vae_pack_guard", None) is not None:
+        return
+    state = GuardState()
+    for name in ("encode", "decode"):
+        original = getattr(fsm, name)
+
+        def call(x: torch.Tensor, *args: Any, _orig: Callable = original, _what: str = name, **kw: Any) -> Any:
+            box: dict[str, Any] = {}
+
+            def run(dtype: torch.dtype) -> torch.Tensor:
+                if next(fsm.parameters()).dtype != dtype:
+                    fsm.to(dtype)
+                    devices.dtype_vae = dtype  # A1111 casts the next inputs to this
+                box["out"] = _orig(x.to(dtype), *args, **kw)
+                return _tensor_of(box["out"])
+
+            dtype = next(fsm.parameters()).dtype
+            guarded(run, dtype, x.device, state, f"VAE {_what}",
+                    lambda: f"{_what} input range [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+            return box["out"]
+
+        setattr(fsm, name, call)
+    fsm._vae_pack_guard = state
+
+
+def remove_guard(fsm: nn.Module) -> None:
+    if fsm.__dict__.pop("_vae_pack_guard", None) is not None:
+        fsm.__dict__.pop("encode", None)
+        fsm.__dict__.pop("decode", None)
+
+
+def _checksum(fsm: nn.Module) -> float:
+    w = fsm.decoder.conv_in.weight
+    return float(w.detach().float().abs().sum()) + float(fsm.encoder.conv_in.weight.detach().float().abs().sum())
+
+
+def apply_fp16_fix(fsm: nn.Module) -> Optional[tuple[float, float]]:
+    """Rescale ``fsm`` in place so fp16 does not overflow (same outputs). Skips if already applied to these
+    weights; resets eps first when A1111 reloaded the weights since. Returns (peak_before, peak_after) or None."""
+    norms = _norms(fsm)
+    for m in norms.values():
+        m.__dict__.setdefault("_vae_pack_eps0", m.eps)
+    if getattr(fsm, "_vae_pack_fixed", None) == _checksum(fsm):
+        return None
+    for m in norms.values():
+        m.eps = m._vae_pack_eps0
+    model = engine_model(fsm)
+    fixed, before, after = fp16_fix_model(model)
+    with torch.no_grad():
+        mine = dict(fixed.named_parameters())
+        for key, p in model.named_parameters():
+            p.copy_(mine[key].to(p.dtype))
+    fixed_norms = _norms(fixed)
+    for name, m in norms.items():
+        if name in fixed_norms:
+            m.eps = fixed_norms[name].eps
+    fsm._vae_pack_fixed = _checksum(fsm)
+    log.info("VAE pack fp16 fix: largest activation %.4g -> %.4g", before, after)
+    return before, after
+
+
+def undo_fp16_fix_eps(fsm: nn.Module) -> None:
+    """Put back the stock eps (used when the fix is switched off; A1111 reloads the weights)."""
+    for m in _norms(fsm).values():
+        if "_vae_pack_eps0" in m.__dict__:
+            m.eps = m._vae_pack_eps0
+    fsm.__dict__.pop("_vae_pack_fixed", None)
