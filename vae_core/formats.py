@@ -111,7 +111,9 @@ def _read_pickle(path: Path, kind: str) -> dict:
         if bad is not None:
             raise VaeLoadError(path, f"a damaged zip member {bad!r}", "a complete torch checkpoint")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # torch.serialization.load, not torch.load: A1111 replaces torch.load with a wrapper that returns None on
+        # files its own unpickler rejects; weights_only=True is at least as strict.
+        obj = torch.serialization.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise VaeLoadError(path, f"a pickle that asks to run code or load non-tensor objects, refused unrun "
                            f"({_offending_global(exc)})", "a pickle of tensors only (read with weights_only=True; "

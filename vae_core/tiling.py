@@ -59,6 +59,9 @@ class TileOptions:
         cancel: called between tiles; a host raises its own interrupt there, or returns True to raise Cancelled.
         proxy_pixels: image pixels of the proxy run (``fast`` statistics; call order of the norms); default
             max(256², tile²), so it costs about one tile.
+        cache_bytes: budget for caching each tile's input to a stage once the statistics before it are final
+            (``exact`` mode); tiles over budget are recomputed. Default: an eighth of free memory, at most 1 GiB
+            (CPU) or 2 GiB (CUDA), so peak memory stays bounded by a constant.
     """
 
     tile: TileArg = None
@@ -66,6 +69,7 @@ class TileOptions:
     progress: Optional[Progress] = None
     cancel: Optional[Callable[[], object]] = None
     proxy_pixels: Optional[int] = None
+    cache_bytes: Optional[int] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,6 +301,8 @@ class _Hook:
         self.stop_at = stop_at
         self.acc: dict[GroupNorm, _Acc] = {}
         self.order: list[GroupNorm] = []
+        self.stage_of: dict[GroupNorm, int] = {}
+        self.stage = 0
         self.core: tuple[slice, slice] = (slice(None), slice(None))
 
     def __call__(self, m: GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -304,6 +310,7 @@ class _Hook:
             if m not in self.acc:
                 self.acc[m] = _Acc()
                 self.order.append(m)
+                self.stage_of[m] = self.stage
             self.acc[m].add(x[..., self.core[0], self.core[1]], m.num_groups)
             if m is self.stop_at:
                 raise _Stop
@@ -316,13 +323,43 @@ class _Hook:
         return {m: a.result() for m, a in self.acc.items()}
 
 
+class _StageCache:
+    """Per-tile input of a stage whose preceding statistics are final, within a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.entries: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def get(self, tile: int) -> Optional[tuple[int, torch.Tensor]]:
+        return self.entries.get(tile)
+
+    def put(self, tile: int, stage: int, t: torch.Tensor) -> None:
+        old = self.entries.pop(tile, None)
+        if old is not None:
+            self.used -= old[1].numel() * old[1].element_size()
+        size = t.numel() * t.element_size()
+        if self.used + size <= self.budget:
+            self.entries[tile] = (stage, t.clone())
+            self.used += size
+
+
 def _run_tile(plan: Plan, h: torch.Tensor, ry: tuple[int, int], rx: tuple[int, int], hook: _Hook,
-              out: Optional[torch.Tensor]) -> None:
+              out: Optional[torch.Tensor], cache: Optional[_StageCache] = None, tile: int = 0,
+              store_at: Optional[int] = None) -> None:
     (fy, wy), (fx, wx) = plan.windows(ry, 0), plan.windows(rx, 1)
-    t = h[..., wy[0][0]:wy[0][1], wx[0][0]:wx[0][1]]
+    start, t = 0, None
+    hit = cache.get(tile) if cache is not None else None
+    if hit is not None:
+        start, t = hit
+    else:
+        t = h[..., wy[0][0]:wy[0][1], wx[0][0]:wx[0][1]]
     token = NORM_HOOK.set(hook)
     try:
-        for i, st in enumerate(plan.stages):
+        for i in range(start, len(plan.stages)):
+            st = plan.stages[i]
+            if cache is not None and store_at == i and i > start:
+                cache.put(tile, i, t)
+            hook.stage = i
             oy, ox = _out_start(st, wy[i][0]), _out_start(st, wx[i][0])
             ny, nx = (oy, ox) if st.up else (wy[i][0], wx[i][0])
             cy, cx = plan.core(ry, plan.norm_index(i), 0), plan.core(rx, plan.norm_index(i), 1)
@@ -334,6 +371,13 @@ def _run_tile(plan: Plan, h: torch.Tensor, ry: tuple[int, int], rx: tuple[int, i
         NORM_HOOK.reset(token)
     if out is not None:
         out[..., fy[0]:fy[1], fx[0]:fx[1]] = t
+
+
+def _cache_budget(device: torch.device, opts: TileOptions) -> int:
+    if opts.cache_bytes is not None:
+        return opts.cache_bytes
+    cap = 2 * 2**30 if device.type == "cuda" else 2**30
+    return int(min(cap, free_memory(device) // 8))
 
 
 def _tiled_stages(plan: Plan, h: torch.Tensor, proxy: _Hook, out: torch.Tensor, opts: TileOptions) -> None:
@@ -348,13 +392,16 @@ def _tiled_stages(plan: Plan, h: torch.Tensor, proxy: _Hook, out: torch.Tensor, 
     total, done = n * (len(norms) + 1), 0
     stats: Stats = {} if norms else proxy.stats()
 
-    def each_tile(hook: _Hook, target: Optional[torch.Tensor]) -> None:
+    cache = _StageCache(_cache_budget(h.device, opts)) if norms and len(plan.stages) > 1 else None
+    cached_stage = 0
+
+    def each_tile(hook: _Hook, target: Optional[torch.Tensor], store_at: Optional[int]) -> None:
         nonlocal done
-        for ry, rx in plan.cores:
+        for index, (ry, rx) in enumerate(plan.cores):
             if opts.cancel is not None and opts.cancel():
                 raise Cancelled("tiled VAE call cancelled between tiles")
             try:
-                _run_tile(plan, h, ry, rx, hook, target)
+                _run_tile(plan, h, ry, rx, hook, target, cache, index, store_at)
             except _Stop:
                 pass
             done += 1
@@ -362,10 +409,13 @@ def _tiled_stages(plan: Plan, h: torch.Tensor, proxy: _Hook, out: torch.Tensor, 
                 opts.progress(done, total)
 
     for norm in norms:
+        stage = proxy.stage_of[norm]
+        store_at = stage if cache is not None and stage > cached_stage else None
         hook = _Hook(stats, stop_at=norm)
-        each_tile(hook, None)
+        each_tile(hook, None, store_at)
+        cached_stage = max(cached_stage, store_at or 0)
         stats[norm] = hook.acc[norm].result()
-    each_tile(_Hook(stats), out)
+    each_tile(_Hook(stats), out, None)
 
 
 def _proxy_shape(h: int, w: int, scale_px: int, budget: int) -> tuple[int, int]:
