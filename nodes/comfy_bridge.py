@@ -115,7 +115,7 @@ def guard_comfy_vae(cvae: Any) -> Any:
                 return _orig(x, *args, **kw)
 
             device = torch.device(getattr(cvae, "device", "cpu"))
-            out, used = guarded(run, state.working_dtype or cvae.vae_dtype, device, state, f"VAE {_what}",
+            out, _ = guarded(run, state.working_dtype or cvae.vae_dtype, device, state, f"VAE {_what}",
                                 lambda: f"{_what} input range [{float(x.min()):.4g}, {float(x.max()):.4g}]")
             return out
 

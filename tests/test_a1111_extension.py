@@ -208,3 +208,18 @@ def test_fp16_fix_applied_on_model_load(a1111, tmp_path):
         sd_model.first_stage_model.to(torch.float32)
         (a1111["vae_dir"] / "overflowing.safetensors").unlink()
 
+
+
+def test_install_py_quiet_outside_a1111_and_uses_its_pip_inside(tmp_path):
+    import subprocess
+
+    quiet = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == ""
+    (tmp_path / "launch.py").write_text(
+        "calls = []\n"
+        "def is_installed(name):\n    return name != 'safetensors'\n"
+        "def run_pip(command, desc):\n    print('PIP', command)\n")
+    inside = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.strip() == "PIP install safetensors>=0.4"  # only the missing one, never torch

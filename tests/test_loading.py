@@ -170,3 +170,23 @@ def test_pickles_load_when_a_host_replaced_torch_load(tmp_path, monkeypatch):
     torch.save({"state_dict": load_file(str(MINI_LDM))}, tmp_path / "vae.ckpt")
     monkeypatch.setattr(torch, "load", lambda *a, **k: None)
     assert vae_core.load_vae(tmp_path / "vae.ckpt").info.container == "pickle"
+
+
+def test_sharded_diffusers_folder(tmp_path):
+    sd = load_file(str(MINI_DIFFUSERS / "diffusion_pytorch_model.safetensors"))
+    keys = sorted(sd)
+    half = len(keys) // 2
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text((MINI_DIFFUSERS / "config.json").read_text())
+    parts = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[:half],
+             "diffusion_pytorch_model-00002-of-00002.safetensors": keys[half:]}
+    for name, part in parts.items():
+        save_file({k: sd[k] for k in part}, str(folder / name))
+    index = {"weight_map": {k: name for name, part in parts.items() for k in part}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(vae_core.load_vae(folder).encode(x), vae_core.load_vae(MINI_DIFFUSERS).encode(x))
+    (folder / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(vae_core.VaeLoadError, match="missing shard"):
+        vae_core.load_vae(folder)

@@ -9,6 +9,7 @@ from torch import nn
 
 import vae_core
 from vae_core.errors import NonFiniteOutputError, VaeInputError
+from conftest import MINI_LDM
 from vae_core.precision import calibration_image, measure_peaks, resolve_dtype, rescale_stream, stream_segments
 
 FP16_MAX = 65504.0
@@ -145,7 +146,10 @@ def test_fp32_non_finite_names_the_input(mini_vae):
 
 def test_policy():
     assert resolve_dtype("auto", torch.device("cpu")) == (torch.float32, False)
-    assert resolve_dtype(torch.float16, torch.device("cpu")) == (torch.float16, True)
+    assert resolve_dtype(torch.float16, torch.device("cpu")) == (torch.float16, False)
+    assert resolve_dtype("bf16", torch.device("cpu")) == (torch.bfloat16, False)
+    vae = vae_core.load_vae(MINI_LDM, dtype="fp16")
+    assert vae.dtype == torch.float16 and vae.to(dtype="auto").dtype == torch.float32
     with pytest.raises(ValueError, match="precision"):
         resolve_dtype("fp8", torch.device("cpu"))
 

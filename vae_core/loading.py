@@ -14,22 +14,19 @@ from .errors import VaeLoadError
 from .families import resolve_family
 from .formats import RawWeights, read_weights
 from .model import AutoencoderKL, ModelConfig, count_parameters
+from .precision import DTYPES
 from .vae import Vae, VaeInfo
 
 __all__ = ["load_vae", "save_vae", "ldm_state_dict_from_file", "vae_from_state_dict"]
 
 log = logging.getLogger(__name__)
-_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-           "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def parse_dtype(value: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
     """``"fp16"|"bf16"|"fp32"`` (or a torch dtype) → torch dtype; None stays None."""
     if value is None or isinstance(value, torch.dtype):
         return value
-    if value not in _DTYPES:
+    if value not in DTYPES:
         raise ValueError(f"dtype {value!r}: unknown; expected one of fp16, bf16, fp32")
-    return _DTYPES[value]
+    return DTYPES[value]
 
 
 def _check_config(raw: RawWeights) -> Optional[int]:
@@ -136,8 +133,7 @@ def load_vae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
                     all_keys=raw.state_dict.keys(), norm_groups=_check_config(raw), config=raw.config,
                     metadata=raw.metadata, weights_file=str(raw.weights_file),
                     family_kw=dict(family=family, scaling_factor=scaling_factor, shift_factor=shift_factor))
-    dt = dtype if dtype == "auto" else parse_dtype(dtype)
-    return vae.to(device=device, dtype=dt)
+    return vae.to(device=device, dtype=dtype)
 
 
 def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",

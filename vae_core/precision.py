@@ -221,10 +221,17 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                                  "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def resolve_dtype(policy: str | torch.dtype, device: torch.device) -> tuple[torch.dtype, bool]:
-    """``"auto"``: bf16 where supported, else fp16 with the fix on CUDA, else fp32. Returns (dtype, needs_fix)."""
+    """``"auto"``: bf16 where supported, else fp16 with the fix on CUDA, else fp32; ``"fp16"``/``"bf16"``/``"fp32"``
+    or a torch dtype as given. Returns ``(dtype, apply_fp16_fix)`` (the fix is automatic only under "auto")."""
     if isinstance(policy, torch.dtype):
-        return policy, policy == torch.float16
+        return policy, False
+    if policy in DTYPES:
+        return DTYPES[policy], False
     if policy != "auto":
         raise ValueError(f"precision {policy!r}: expected 'auto', 'fp16', 'bf16' or 'fp32'")
     if bf16_supported(device):

@@ -11,8 +11,9 @@ How it stays exact where other tilers drift:
   (on the trained fixture a 1 % error costs ~37 dB PSNR, 0.1 % ~70 dB), and fixed-point sweeps that reuse stale
   statistics diverge, so each GroupNorm of the tiled stages gets its own pass: every tile runs up to that norm,
   with the earlier norms frozen at their already exact statistics, and the statistics of each tile's core are
-  pooled (Chan merge, float64). A last pass writes the output. Memory stays bounded by the tile; compute grows
-  with the number of tiled GroupNorms (each pass stops at its norm, so the cost is the sum of prefixes).
+  pooled (Chan merge, float64). A last pass writes the output. Each pass stops at its norm, and once the
+  statistics before a stage are final each tile's input to that stage is cached (within a fixed byte budget), so
+  later passes start there. Memory stays bounded by the tile plus that budget.
 * ``mode="fast"``: one pass, with the statistics of a small downscaled *proxy* run of the whole image. About as
   cheap as plain tiling and free of seams, but its colours/contrast are approximate (documented in the README).
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -33,13 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import VaeError, VaeInputError
-from .model import NORM_HOOK, AutoencoderKL, GroupNorm
+from .groupnorm_stats import NormHook, Stats, StopForward
+from .memory import MIN_TILE, auto_tile, estimate_bytes, free_memory, is_oom
+from .model import NORM_HOOK, AutoencoderKL
 
-__all__ = ["TileOptions", "decode", "encode", "decoder_forward", "encoder_forward", "auto_tile", "is_oom", "Cancelled", "MIN_TILE", "estimate_bytes"]
+__all__ = ["TileOptions", "decode", "encode", "decoder_forward", "encoder_forward", "Cancelled", "MIN_TILE",
+           "auto_tile", "estimate_bytes", "free_memory", "is_oom"]
 
 log = logging.getLogger(__name__)
 
-MIN_TILE = 64
 Progress = Callable[[int, int], None]
 TileArg = Union[None, int, str]
 
@@ -70,64 +72,6 @@ class TileOptions:
     cancel: Optional[Callable[[], object]] = None
     proxy_pixels: Optional[int] = None
     cache_bytes: Optional[int] = None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# memory
-# ----------------------------------------------------------------------------------------------------------------
-
-def is_oom(exc: BaseException) -> bool:
-    """True for CUDA/CPU allocation failures (``torch.cuda.OutOfMemoryError``, ``MemoryError``, allocator errors)."""
-    if isinstance(exc, MemoryError):
-        return True
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                              or "failed to allocate" in text)
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on ``device`` (CUDA ``mem_get_info`` + cached blocks; CPU ``MemAvailable``)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
-def _elements_per_pixel(model: AutoencoderKL) -> float:
-    """Peak live activation elements per full-resolution pixel (about 4 tensors of the widest stage)."""
-    cfg = model.config
-    widths = [cfg.ch * m for m in cfg.ch_mult]
-    return max(4 * max(widths[lvl], widths[min(lvl + 1, len(widths) - 1)]) / 4 ** lvl for lvl in range(len(widths)))
-
-
-def estimate_bytes(model: AutoencoderKL, pixels: int, dtype: torch.dtype) -> int:
-    """Rough peak activation bytes of an untiled call over ``pixels`` output (decode) or input (encode) pixels."""
-    size = torch.finfo(dtype).bits // 8
-    return int(pixels * _elements_per_pixel(model) * size)
-
-
-def auto_tile(model: AutoencoderKL, height: int, width: int, dtype: torch.dtype, device: torch.device,
-              budget: Optional[int] = None) -> Optional[int]:
-    """Pick a tile edge (image px) that fits half the free memory, or None when the untiled call fits."""
-    budget = budget if budget is not None else free_memory(device) // 2
-    if estimate_bytes(model, height * width, dtype) * 1.3 < budget:
-        return None
-    per_px = estimate_bytes(model, 1, dtype) * 1.3
-    edge = int(math.sqrt(max(budget, 1) / per_px)) // 64 * 64
-    return max(MIN_TILE, min(edge, 2048))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,94 +179,6 @@ def _out_start(st: Stage, start: int) -> int:
     return start * 2 if st.up else start // 2
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# GroupNorm statistics
-# ----------------------------------------------------------------------------------------------------------------
-
-class _Acc:
-    """Chan-merged count/mean/M2 per (batch, group), in float64 on the tensor's device."""
-
-    def __init__(self) -> None:
-        self.n = 0.0
-        self.mean: Optional[torch.Tensor] = None
-        self.m2: Optional[torch.Tensor] = None
-
-    def add(self, x: torch.Tensor, groups: int) -> None:
-        v = x.reshape(x.shape[0], groups, -1)
-        cnt = float(v.shape[-1])
-        if cnt == 0:
-            return
-        var, mean = torch.var_mean(v.float(), dim=-1, unbiased=False)
-        mean, m2 = mean.double(), var.double() * cnt
-        if self.mean is None:
-            self.n, self.mean, self.m2 = cnt, mean, m2
-            return
-        tot = self.n + cnt
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (cnt / tot)
-        self.m2 = self.m2 + m2 + delta.square() * (self.n * cnt / tot)
-        self.n = tot
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mean is None or self.m2 is None:
-            raise RuntimeError("GroupNorm statistics requested before any tile reached the norm")
-        return self.mean, self.m2 / self.n
-
-
-Stats = dict[GroupNorm, tuple[torch.Tensor, torch.Tensor]]
-
-
-def _apply_norm(m: GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of ``x`` with given per-(batch, group) ``mean``/``var``: one fused multiply-add."""
-    per = x.shape[1] // m.num_groups
-    rstd = (var + m.eps).rsqrt()
-    scale = rstd.repeat_interleave(per, dim=1)
-    shift = -mean.repeat_interleave(per, dim=1) * scale
-    if m.weight is not None:
-        w, b = m.weight.double(), m.bias.double()
-        scale, shift = scale * w, shift * w + b
-    scale = scale.to(x.device, x.dtype)[..., None, None]
-    shift = shift.to(x.device, x.dtype)[..., None, None]
-    return torch.addcmul(shift, x, scale)
-
-
-class _Stop(Exception):
-    """Ends a tile's forward once the GroupNorm whose statistics are being gathered has been reached."""
-
-
-class _Hook:
-    """Norm hook: normalise with ``frozen`` stats (or the tensor's own when None) and pool the core's statistics.
-
-    With ``stop_at`` set, only that norm's core statistics are pooled and the forward ends there (raises _Stop).
-    """
-
-    def __init__(self, frozen: Optional[Stats], stop_at: Optional[GroupNorm] = None) -> None:
-        self.frozen = frozen
-        self.stop_at = stop_at
-        self.acc: dict[GroupNorm, _Acc] = {}
-        self.order: list[GroupNorm] = []
-        self.stage_of: dict[GroupNorm, int] = {}
-        self.stage = 0
-        self.core: tuple[slice, slice] = (slice(None), slice(None))
-
-    def __call__(self, m: GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        if self.stop_at is None or m is self.stop_at:
-            if m not in self.acc:
-                self.acc[m] = _Acc()
-                self.order.append(m)
-                self.stage_of[m] = self.stage
-            self.acc[m].add(x[..., self.core[0], self.core[1]], m.num_groups)
-            if m is self.stop_at:
-                raise _Stop
-        if self.frozen is None:
-            return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
-        mean, var = self.frozen[m]
-        return _apply_norm(m, x, mean.to(x.device), var.to(x.device))
-
-    def stats(self) -> Stats:
-        return {m: a.result() for m, a in self.acc.items()}
-
-
 class _StageCache:
     """Per-tile input of a stage whose preceding statistics are final, within a byte budget."""
 
@@ -343,7 +199,7 @@ class _StageCache:
             self.used += size
 
 
-def _run_tile(plan: Plan, h: torch.Tensor, ry: tuple[int, int], rx: tuple[int, int], hook: _Hook,
+def _run_tile(plan: Plan, h: torch.Tensor, ry: tuple[int, int], rx: tuple[int, int], hook: NormHook,
               out: Optional[torch.Tensor], cache: Optional[_StageCache] = None, tile: int = 0,
               store_at: Optional[int] = None) -> None:
     (fy, wy), (fx, wx) = plan.windows(ry, 0), plan.windows(rx, 1)
@@ -380,7 +236,7 @@ def _cache_budget(device: torch.device, opts: TileOptions) -> int:
     return int(min(cap, free_memory(device) // 8))
 
 
-def _tiled_stages(plan: Plan, h: torch.Tensor, proxy: _Hook, out: torch.Tensor, opts: TileOptions) -> None:
+def _tiled_stages(plan: Plan, h: torch.Tensor, proxy: NormHook, out: torch.Tensor, opts: TileOptions) -> None:
     """Run all tiles through the stages and write their cores into ``out``.
 
     ``exact``: for each GroupNorm in call order, every tile runs up to that norm (earlier norms use their pooled,
@@ -395,14 +251,14 @@ def _tiled_stages(plan: Plan, h: torch.Tensor, proxy: _Hook, out: torch.Tensor, 
     cache = _StageCache(_cache_budget(h.device, opts)) if norms and len(plan.stages) > 1 else None
     cached_stage = 0
 
-    def each_tile(hook: _Hook, target: Optional[torch.Tensor], store_at: Optional[int]) -> None:
+    def each_tile(hook: NormHook, target: Optional[torch.Tensor], store_at: Optional[int]) -> None:
         nonlocal done
         for index, (ry, rx) in enumerate(plan.cores):
             if opts.cancel is not None and opts.cancel():
                 raise Cancelled("tiled VAE call cancelled between tiles")
             try:
                 _run_tile(plan, h, ry, rx, hook, target, cache, index, store_at)
-            except _Stop:
+            except StopForward:
                 pass
             done += 1
             if opts.progress is not None:
@@ -411,11 +267,11 @@ def _tiled_stages(plan: Plan, h: torch.Tensor, proxy: _Hook, out: torch.Tensor, 
     for norm in norms:
         stage = proxy.stage_of[norm]
         store_at = stage if cache is not None and stage > cached_stage else None
-        hook = _Hook(stats, stop_at=norm)
+        hook = NormHook(stats, stop_at=norm)
         each_tile(hook, None, store_at)
         cached_stage = max(cached_stage, store_at or 0)
         stats[norm] = hook.acc[norm].result()
-    each_tile(_Hook(stats), out, None)
+    each_tile(NormHook(stats), out, None)
 
 
 def _proxy_shape(h: int, w: int, scale_px: int, budget: int) -> tuple[int, int]:
@@ -457,7 +313,7 @@ def decoder_forward_tiled(model: AutoencoderKL, h: torch.Tensor, tile: int, opts
         ph, pw = _proxy_shape(lh, lw, down, opts.proxy_pixels or max(256 * 256, tile * tile))
         hp = F.adaptive_avg_pool2d(h[i:i + 1], (ph, pw)) if (ph, pw) != (lh, lw) else h[i:i + 1]
         proxy_plan = Plan(stages, [(ph * 2**k, pw * 2**k) for k in range(len(stages) + 1)], [((0, ph), (0, pw))])
-        proxy = _Hook(None)
+        proxy = NormHook(None)
         _run_tile(proxy_plan, low(hp), (0, ph), (0, pw), proxy, None)
         h0 = low(h[i:i + 1])
         if out is None:
@@ -491,7 +347,7 @@ def encoder_forward_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts
         psizes = [(ph, pw)]
         for _ in stages:
             psizes.append((psizes[-1][0] // 2, psizes[-1][1] // 2))
-        proxy = _Hook(None)
+        proxy = NormHook(None)
         _run_tile(Plan(stages, psizes, [((0, psizes[-1][0]), (0, psizes[-1][1]))]), xp, (0, psizes[-1][0]),
                   (0, psizes[-1][1]), proxy, None)
         low = torch.empty((1, widths[-2], lat[0], lat[1]), device=x.device, dtype=x.dtype)

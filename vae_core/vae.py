@@ -82,12 +82,12 @@ class Vae:
         return next(self.model.parameters()).dtype
 
     def to(self, device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None) -> "Vae":
-        """Move/cast in place and return self. ``dtype="auto"``: bf16 where supported, fp16 with the fp16 fix on
-        CUDA without bf16, fp32 on CPU."""
+        """Move/cast in place and return self. ``dtype``: a torch dtype, ``"fp16"``/``"bf16"``/``"fp32"``, or
+        ``"auto"`` (bf16 where supported, fp16 with the fp16 fix on CUDA without bf16, fp32 on CPU)."""
         if device is not None:
             self.model.to(device=torch.device(device))
         if dtype is not None:
-            target, needs_fix = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else (dtype, False)
+            target, needs_fix = resolve_dtype(dtype, self.device)
             if needs_fix and self.info.fp16_fix is None:
                 self._apply_fix(None)
             self.model.to(dtype=target)
@@ -102,8 +102,7 @@ class Vae:
         log.info("fp16 fix: largest activation %.4g -> %.4g", before, after)
 
     def clone(self) -> "Vae":
-        other = Vae(copy.deepcopy(self.model), copy.deepcopy(self.info))
-        return other
+        return Vae(copy.deepcopy(self.model), copy.deepcopy(self.info))
 
     # -- latent scaling --------------------------------------------------------------------------------------
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:

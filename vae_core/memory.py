@@ -1,0 +1,70 @@
+"""Memory: allocation-failure detection, free memory per device, activation estimates and the automatic tile."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .model import AutoencoderKL
+
+__all__ = ["MIN_TILE", "is_oom", "free_memory", "estimate_bytes", "auto_tile"]
+
+#: Smallest tile edge, in image pixels.
+MIN_TILE = 64
+
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA/CPU allocation failures (``torch.cuda.OutOfMemoryError``, ``MemoryError``, allocator errors)."""
+    if isinstance(exc, MemoryError):
+        return True
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "failed to allocate" in text)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device`` (CUDA ``mem_get_info`` + cached blocks; CPU ``MemAvailable``)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _elements_per_pixel(model: AutoencoderKL) -> float:
+    """Peak live activation elements per full-resolution pixel (about 4 tensors of the widest stage)."""
+    cfg = model.config
+    widths = [cfg.ch * m for m in cfg.ch_mult]
+    return max(4 * max(widths[lvl], widths[min(lvl + 1, len(widths) - 1)]) / 4 ** lvl for lvl in range(len(widths)))
+
+
+def estimate_bytes(model: AutoencoderKL, pixels: int, dtype: torch.dtype) -> int:
+    """Rough peak activation bytes of an untiled call over ``pixels`` output (decode) or input (encode) pixels."""
+    size = torch.finfo(dtype).bits // 8
+    return int(pixels * _elements_per_pixel(model) * size)
+
+
+def auto_tile(model: AutoencoderKL, height: int, width: int, dtype: torch.dtype, device: torch.device,
+              budget: Optional[int] = None) -> Optional[int]:
+    """Pick a tile edge (image px) that fits half the free memory, or None when the untiled call fits."""
+    budget = budget if budget is not None else free_memory(device) // 2
+    if estimate_bytes(model, height * width, dtype) * 1.3 < budget:
+        return None
+    per_px = estimate_bytes(model, 1, dtype) * 1.3
+    edge = int(math.sqrt(max(budget, 1) / per_px)) // 64 * 64
+    return max(MIN_TILE, min(edge, 2048))
