@@ -66,6 +66,14 @@ def _to_image(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).float().cpu()
 
 
+def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pixels: int) -> torch.Tensor:
+    """Run the engine's encode/decode on any ComfyUI VAE with a progress bar and ComfyUI's cancel."""
+    progress, cancel = progress_and_cancel()
+    tile = tile_size or "auto"
+    return run_engine(vae, lambda v: getattr(v, method)(t, tile=tile, mode=mode, progress=progress, cancel=cancel),
+                      pixels, tiled=tile != "auto")
+
+
 class VaePackLoader:
     DESCRIPTION = "Loads any SD-family VAE: LDM/diffusers safetensors, .ckpt/.pt/.bin, diffusers folders, VAEs in " \
                   "full checkpoints. Returns a native ComfyUI VAE that every node accepts."
@@ -102,11 +110,7 @@ class VaePackDecodeTiled:
 
     def decode(self, samples: dict, vae: Any, tile_size: int, mode: str) -> tuple[torch.Tensor]:
         z = samples["samples"]
-        progress, cancel = progress_and_cancel()
-        tile = tile_size or "auto"
-        out = run_engine(vae, lambda v: v.decode(z, tile=tile, mode=mode, progress=progress, cancel=cancel),
-                         z.shape[-1] * z.shape[-2] * 64 * z.shape[0], tiled=tile != "auto")
-        return (_to_image(out),)
+        return (_to_image(_tiled(vae, "decode", z, tile_size, mode, z.shape[-1] * z.shape[-2] * 64 * z.shape[0])),)
 
 
 class VaePackEncodeTiled:
@@ -121,10 +125,7 @@ class VaePackEncodeTiled:
 
     def encode(self, pixels: torch.Tensor, vae: Any, tile_size: int, mode: str) -> tuple[dict]:
         x = _to_model(pixels)
-        progress, cancel = progress_and_cancel()
-        tile = tile_size or "auto"
-        z = run_engine(vae, lambda v: v.encode(x, tile=tile, mode=mode, progress=progress, cancel=cancel),
-                       x.shape[-1] * x.shape[-2] * x.shape[0], tiled=tile != "auto")
+        z = _tiled(vae, "encode", x, tile_size, mode, x.shape[-1] * x.shape[-2] * x.shape[0])
         return ({"samples": z.float().cpu()},)
 
 
