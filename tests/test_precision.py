@@ -160,3 +160,12 @@ def test_cuda_fp16_with_fix(mini_vae, overflowing, photo):
     y = fixed.decode(fixed.encode(photo.cuda()))
     assert fixed.guard.working_dtype is None and torch.isfinite(y).all()
     assert (y.cpu() - _ref(mini_vae, photo)).abs().max() < 0.05
+
+
+def test_loading_and_fix_leave_the_callers_rng_alone():
+    """Hosts seed their samplers; neither load_vae nor make_fp16_safe may consume the global RNG."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    vae_core.make_fp16_safe(vae_core.load_vae(MINI_LDM))
+    assert torch.equal(torch.rand(3), expected)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from .images import psnr, snr
+from .precision import DTYPES
 
 __all__ = ["add_bench_parser", "run_worker", "measure"]
 
@@ -106,7 +107,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration (``spec``: op, size, impl, tile, mode, dtype, device, runs, vae/config, out)."""
     from . import tiling
 
-    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
     torch.set_grad_enabled(False)
     model = _model(spec).to(device, dtype)
     x = _input(spec, model, device, dtype)
@@ -220,12 +221,7 @@ def add_bench_parser(sub: Any) -> None:
     s.add_argument("--tile", type=int, default=256, help="tile edge in image px (ours and diffusers')")
     s.add_argument("--op", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     s.add_argument("--runs", type=int, default=1)
-    s.set_defaults(fn=lambda a: cmd_bench(_dtypes(a)))
-
-
-def _dtypes(a: argparse.Namespace) -> argparse.Namespace:
-    a.dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[a.dtype]
-    return a
+    s.set_defaults(fn=cmd_bench)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,7 @@ def _load(args: argparse.Namespace) -> Vae:
         vae = make_fp16_safe(vae)
         print(f"fp16 fix: largest activation {vae.info.fp16_fix['peak_before']:.4g} -> "
               f"{vae.info.fp16_fix['peak_after']:.4g}")
-    return vae.to(dtype=args.dtype if args.dtype == "auto" else {"fp32": torch.float32, "fp16": torch.float16,
-                                                                   "bf16": torch.bfloat16}[args.dtype])
+    return vae.to(dtype=args.dtype)
 
 
 def _progress(label: str):

@@ -19,7 +19,7 @@ import torch
 from .errors import VaeLoadError
 from .model import ModelConfig
 
-__all__ = ["Layout", "detect_layout", "extract_vae", "diffusers_to_ldm", "ldm_to_diffusers", "infer_config"]
+__all__ = ["Layout", "detect_layout", "extract_vae", "to_ldm", "diffusers_to_ldm", "ldm_to_diffusers", "infer_config"]
 
 PREFIXES = ("", "first_stage_model.", "vae.")
 _LDM_MARK = ("encoder.conv_in.weight", "decoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight")
@@ -89,6 +89,13 @@ _RESNET_D2L = {"conv_shortcut": "nin_shortcut"}
 def _levels(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
     found = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
     return max(found) + 1 if found else 0
+
+
+def to_ldm(sd: Mapping[str, torch.Tensor], path: object = "<state dict>") -> tuple[dict[str, torch.Tensor], Layout]:
+    """Find the VAE in any state dict and return it with bare LDM keys, plus where it was found."""
+    layout = detect_layout(sd, path)
+    vae = extract_vae(sd, layout)
+    return (diffusers_to_ldm(vae) if layout.layout == "diffusers" else vae), layout
 
 
 def diffusers_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

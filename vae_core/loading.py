@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import torch
 
-from .convert import detect_layout, diffusers_config, diffusers_to_ldm, extract_vae, infer_config, ldm_to_diffusers
+from .convert import diffusers_config, infer_config, ldm_to_diffusers, to_ldm
 from .errors import VaeLoadError
 from .families import resolve_family
 from .formats import RawWeights, read_weights
@@ -53,15 +53,13 @@ def ldm_state_dict_from_file(path: Union[str, os.PathLike]) -> tuple[dict[str, t
         VaeLoadError: unreadable input or no VAE in it.
     """
     raw = read_weights(path)
-    layout = detect_layout(raw.state_dict, raw.weights_file)
-    sd = extract_vae(raw.state_dict, layout)
-    if layout.layout == "diffusers":
-        sd = diffusers_to_ldm(sd)
+    sd, layout = to_ldm(raw.state_dict, raw.weights_file)
     return sd, raw, layout.layout, layout.prefix
 
 
 def _build(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: object) -> AutoencoderKL:
-    model = AutoencoderKL(cfg)
+    with torch.device("meta"):  # no random init: it would cost time and consume the caller's RNG
+        model = AutoencoderKL(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -76,7 +74,7 @@ def _build(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: object) -> Autoe
     non_float = [k for k, v in sd.items() if not v.is_floating_point()]
     if non_float:
         raise VaeLoadError(path, f"non-float tensors {non_float[:3]}", "floating-point weights")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -101,12 +99,9 @@ def _assemble(sd: dict[str, torch.Tensor], *, where: object, path: object, conta
 def vae_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "<state dict>", norm_groups: Optional[int] = None,
                         family: Optional[str] = None, scaling_factor: Optional[float] = None,
                         shift_factor: Optional[float] = None) -> Vae:
-    """Build a float32 CPU :class:`Vae` from an in-memory LDM- or diffusers-keyed state dict (bare or prefixed),
-    e.g. the weights of a VAE a host already holds."""
-    layout = detect_layout(sd, name)
-    vae_sd = extract_vae(sd, layout)
-    if layout.layout == "diffusers":
-        vae_sd = diffusers_to_ldm(vae_sd)
+    """Build a float32 :class:`Vae` (on the tensors' device) from an in-memory LDM- or diffusers-keyed state dict,
+    bare or prefixed, e.g. the weights of a VAE a host already holds."""
+    vae_sd, layout = to_ldm(sd, name)
     return _assemble(vae_sd, where=name, path=name, container="state dict", layout=layout.layout,
                      prefix=layout.prefix, all_keys=sd.keys(), norm_groups=norm_groups, config=None, metadata=None,
                      weights_file="", family_kw=dict(family=family, scaling_factor=scaling_factor,

@@ -16,7 +16,7 @@ Tensor conventions: images are float ``[B, 3, H, W]`` in [-1, 1]; latents are ra
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -62,7 +62,6 @@ class ModelConfig:
     out_channels: int = 3
     norm_groups: int = 32
     norm_eps: float = 1e-6
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def latent_channels(self) -> int:

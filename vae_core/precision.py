@@ -133,10 +133,6 @@ def calibration_image(size: int = 256, device: str | torch.device = "cpu") -> to
     return img.clamp(-1, 1)[None].to(device)
 
 
-def _stream_modules(model: AutoencoderKL) -> list[nn.Module]:
-    return [m for m in model.modules() if not isinstance(m, (AutoencoderKL,)) and m is not model]
-
-
 @torch.no_grad()
 def measure_peaks(model: AutoencoderKL, image: torch.Tensor, latents: Optional[torch.Tensor] = None
                   ) -> dict[nn.Module, float]:
@@ -149,11 +145,13 @@ def measure_peaks(model: AutoencoderKL, image: torch.Tensor, latents: Optional[t
             v = float(out.detach().abs().amax()) if out.numel() else 0.0
             peaks[mod] = max(peaks.get(mod, 0.0), v if math.isfinite(v) else math.inf)
 
-    handles = [m.register_forward_hook(hook) for m in _stream_modules(model)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
     try:
         z = model.encode(image)
-        if latents is None:
-            latents = torch.cat([z, torch.randn_like(z) * z.std()])
+        if latents is None:  # a local generator: never touch the caller's RNG state
+            g = torch.Generator(device=z.device).manual_seed(0)
+            noise = torch.randn(z.shape, generator=g, device=z.device, dtype=z.dtype)
+            latents = torch.cat([z, noise * z.std()])
         model.decode(latents)
     finally:
         for h in handles:
@@ -196,13 +194,11 @@ def fp16_fix_model(model: AutoencoderKL, sample: Optional[torch.Tensor] = None, 
     dev = next(model.parameters()).device
     fixed = copy.deepcopy(model).to(device=dev, dtype=torch.float32)
     image = (calibration_image(device=dev) if sample is None else sample.to(dev, torch.float32))
-    torch.manual_seed(0)
     before = measure_peaks(fixed, image)
     enc_segs, dec_segs = stream_segments(fixed)
     for segs, norm in ((enc_segs, fixed.encoder.norm_out), (dec_segs, fixed.decoder.norm_out)):
         scales, conv1 = choose_scales(segs, before, target)
         rescale_stream(segs, norm, scales, conv1)
-    torch.manual_seed(0)
     after = measure_peaks(fixed, image)
     return fixed, max(before.values()), max(after.values())
 

@@ -51,11 +51,8 @@ class VaeInfo:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["config"] = {k: v for k, v in asdict(self.config).items() if k != "extra"}
+        d["config"] = asdict(self.config)
         return d
-
-
-ImageTensor = torch.Tensor
 
 
 class Vae:
