@@ -1,44 +1,49 @@
-"""Seam-free tiled encode/decode with bounded memory.
+"""Seam-free tiled encode/decode with bounded memory: tiled output equals untiled output, at about the untiled cost.
 
 How it stays exact where other tilers drift:
 
 * **Low resolution untiled.** The decoder's conv_in, mid block (global attention, query-chunked) and lowest level,
   and the encoder's lowest level and head, run on the whole tensor at latent resolution (1/64 of the pixels).
-* **Halos from the receptive field.** Each tile's window is derived backwards from its core by counting the 3×3
-  convs of every high-resolution stage (per axis, per stage, with stride-2 alignment for the encoder), and cropped
-  between stages, so every core value equals the untiled value given the same GroupNorm statistics.
-* **Exact global GroupNorm statistics** (``mode="exact"``). Output quality is very sensitive to these statistics
-  (on the trained fixture a 1 % error costs ~37 dB PSNR, 0.1 % ~70 dB), and fixed-point sweeps that reuse stale
-  statistics diverge, so each GroupNorm of the tiled stages gets its own pass: every tile runs up to that norm,
-  with the earlier norms frozen at their already exact statistics, and the statistics of each tile's core are
-  pooled (Chan merge, float64). A last pass writes the output. Each pass stops at its norm, and once the
-  statistics before a stage are final each tile's input to that stage is cached (within a fixed byte budget), so
-  later passes start there. Memory stays bounded by the tile plus that budget.
-* ``mode="fast"``: one pass, with the statistics of a small downscaled *proxy* run of the whole image. About as
-  cheap as plain tiling and free of seams, but its colours/contrast are approximate (documented in the README).
+* **Exact halos, per segment.** The tiled stages are a list of segments (:mod:`vae_core.tile_ops`), each starting
+  at a GroupNorm. Each tile's windows are derived backwards from its core through every segment, and each 3×3 conv
+  is computed "valid" inside the image (zero-padded only at the image border), so a window shrinks by one pixel
+  per conv and no pixel is computed that the core does not need.
+* **Exact whole-image GroupNorm statistics** (``mode="exact"``). Output quality is very sensitive to these (on the
+  trained fixture a 1 % error costs ~37 dB PSNR) and iterating with stale statistics diverges, so the tiles sweep
+  the norms in order: in sweep *k* every tile runs up to norm *k* and the statistics of its core are pooled (Chan
+  merge, float64); then norm *k* is frozen and the next sweep starts. Each tile keeps its state at the norm where
+  it stopped (its *checkpoint*, :mod:`vae_core.tile_cache`), so the next sweep resumes there instead of starting
+  over: with enough cache every segment runs once per tile and the only overhead is the halo.
+* **A planner** picks the schedule from the cache budget: *level-major* (each stage tiled on its own, its output
+  assembled, so halos span one stage) when the budget holds a stage's checkpoints and outputs; else *tile-major*
+  (halos span all stages, no assembled intermediates), keeping what checkpoints fit and recomputing the rest from
+  the last kept one. ``cache_bytes=0`` recomputes everything from the stage input: exact, slowest, smallest.
+* ``mode="fast"``: one sweep, with the statistics of a small downscaled *proxy* run (no cache needed; colours
+  approximate, for previews).
 
-Peak memory is set by the tile size, plus the latent-resolution tensors and the output. Tensor conventions follow
-``model.py``: images ``[B, 3, H, W]`` in [-1, 1], raw latents ``[B, C, H/8, W/8]``.
+Peak memory is one tile's working set plus the cache budget, the latent-resolution tensors and the output. Tensor
+conventions follow ``model.py``: images ``[B, 3, H, W]`` in [-1, 1], raw latents ``[B, C, H/8, W/8]``.
 """
 from __future__ import annotations
 
 import gc
 import logging
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .errors import VaeError, VaeInputError
-from .groupnorm_stats import NormHook, Stats, StopForward
+from .groupnorm_stats import StatsAccumulator
 from .memory import MIN_TILE, auto_tile, estimate_bytes, free_memory, is_oom
-from .model import NORM_HOOK, AutoencoderKL
+from .model import AutoencoderKL
+from .tile_cache import CacheArg, CheckpointStore, nbytes, resolve_budget
+from .tile_ops import Rect, Rects, Segment, Stats, decoder_segments, encoder_segments, hull
 
-__all__ = ["TileOptions", "decode", "encode", "decoder_forward", "encoder_forward", "Cancelled", "MIN_TILE",
-           "auto_tile", "estimate_bytes", "free_memory", "is_oom"]
+__all__ = ["TileOptions", "TileReport", "decode", "encode", "decoder_forward", "encoder_forward", "Cancelled",
+           "MIN_TILE", "auto_tile", "estimate_bytes", "free_memory", "is_oom"]
 
 log = logging.getLogger(__name__)
 
@@ -51,71 +56,57 @@ class Cancelled(VaeError):
 
 
 @dataclass
+class TileReport:
+    """What a tiled call did (filled in when passed as ``TileOptions.report``).
+
+    ``flops_*`` count the convs of the tiled stages (2 per multiply-add): ``flops_useful`` is what an untiled run of
+    those stages computes, ``flops_halo`` the extra of first runs over halos, ``flops_recompute`` repeated runs
+    from an older checkpoint.
+    """
+
+    schedule: str = ""
+    tiles: int = 0
+    sweeps: int = 0
+    segment_runs: int = 0
+    recomputed_runs: int = 0
+    flops_useful: int = 0
+    flops_halo: int = 0
+    flops_recompute: int = 0
+    cache_budget: int = 0
+    cache_peak: int = 0
+
+    @property
+    def flops_total(self) -> int:
+        return self.flops_useful + self.flops_halo + self.flops_recompute
+
+
+@dataclass
 class TileOptions:
     """How to run a tiled call.
 
     Attributes:
         tile: tile edge in image pixels; ``None`` untiled; ``"auto"`` chosen from free memory (untiled if it fits).
-        mode: ``"exact"`` (exact whole-image GroupNorm statistics) or ``"fast"`` (one pass, proxy statistics).
-        progress: ``progress(done, total)`` after every tile of every pass.
+        mode: ``"exact"`` (exact whole-image GroupNorm statistics) or ``"fast"`` (one sweep, proxy statistics).
+        progress: ``progress(done, total)`` after every tile of every sweep.
         cancel: called between tiles; a host raises its own interrupt there, or returns True to raise Cancelled.
-        proxy_pixels: image pixels of the proxy run (``fast`` statistics; call order of the norms); default
-            max(256², tile²), so it costs about one tile.
-        cache_bytes: budget for caching each tile's input to a stage once the statistics before it are final
-            (``exact`` mode); tiles over budget are recomputed. Default: an eighth of free memory, at most 1 GiB
-            (CPU) or 2 GiB (CUDA), so peak memory stays bounded by a constant.
+        cache_bytes: budget for checkpoints and assembled stage outputs (``exact``): an int in bytes, or
+            ``"auto"``/None (a share of free memory, see :mod:`vae_core.tile_cache`). 0 recomputes instead.
+        proxy_pixels: image pixels of the ``fast`` proxy run; default max(256², tile²), about one tile.
+        report: a :class:`TileReport` to fill in.
     """
 
     tile: TileArg = None
     mode: str = "exact"
     progress: Optional[Progress] = None
     cancel: Optional[Callable[[], object]] = None
+    cache_bytes: CacheArg = "auto"
     proxy_pixels: Optional[int] = None
-    cache_bytes: Optional[int] = None
+    report: Optional[TileReport] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# geometry
+# plan: tiles, their windows per segment, and the grouping of stages
 # ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Stage:
-    """A high-resolution stage: ``run(x)``; ``up`` True for ×2 (decoder), False for ÷2 (encoder);
-    ``convs`` 3×3 convs at the resolution where its GroupNorms live (output for decoder, input for encoder)."""
-
-    run: Callable[[torch.Tensor], torch.Tensor]
-    up: bool
-    convs: int
-
-
-def _runner(mods: Sequence[Optional[nn.Module]]) -> Callable[[torch.Tensor], torch.Tensor]:
-    mods = [m for m in mods if m is not None]
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        for m in mods:
-            x = m(x)
-        return x
-    return run
-
-
-def decoder_stages(model: AutoencoderKL) -> list[Stage]:
-    dec, out = model.decoder, []
-    n = len(dec.up)
-    for lvl in reversed(range(n - 1)):
-        mods = [dec.up[lvl + 1].upsample, *dec.up[lvl].block] + ([dec.head] if lvl == 0 else [])
-        convs = 1 + 2 * len(dec.up[lvl].block) + (1 if lvl == 0 else 0)
-        out.append(Stage(_runner(mods), True, convs))
-    return out
-
-
-def encoder_stages(model: AutoencoderKL) -> list[Stage]:
-    enc, out = model.encoder, []
-    for lvl in range(len(enc.down) - 1):
-        mods = ([enc.conv_in] if lvl == 0 else []) + [*enc.down[lvl].block, enc.down[lvl].downsample]
-        convs = (1 if lvl == 0 else 0) + 2 * len(enc.down[lvl].block) + 1
-        out.append(Stage(_runner(mods), False, convs))
-    return out
-
 
 def _split(size: int, core: int) -> list[tuple[int, int]]:
     n = max(1, math.ceil(size / core))
@@ -123,155 +114,195 @@ def _split(size: int, core: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(n)]
 
 
-def _windows(core: tuple[int, int], stages: Sequence[Stage], sizes: Sequence[int]) -> list[tuple[int, int]]:
-    """Per-axis input windows of each stage, derived backwards from the final region ``core``.
-
-    ``sizes[i]`` is the axis length at stage i's input, ``sizes[-1]`` at the last stage's output.
-    Returns one ``(start, end)`` per stage input, in that stage's input coordinates.
-    """
-    a, b = core
-    wins: list[tuple[int, int]] = []
-    for i in reversed(range(len(stages))):
-        st, n_in, n_out = stages[i], sizes[i], sizes[i + 1]
-        if st.up:  # nearest ×2, then `convs` 3×3 convs at output resolution
-            a, b = max(0, a - st.convs), min(n_out, b + st.convs)
-            a, b = a // 2, min(n_in, (b + 1) // 2)
-        else:  # `convs - 1` 3×3 convs, then pad(0,1) + 3×3 stride 2, at input resolution
-            a, b = 2 * a, min(n_in, 2 * b + 1)
-            a, b = max(0, a - (st.convs - 1)), min(n_in, b + (st.convs - 1))
-            a -= a % 2
-        wins.append((a, b))
-    return wins[::-1]
+def _area(r: Rect) -> int:
+    return (r[0][1] - r[0][0]) * (r[1][1] - r[1][0])
 
 
 @dataclass
-class Plan:
-    """Geometry of one tiled call: ``sizes[i]`` is (H, W) at stage i's input, ``sizes[-1]`` at the last output;
-    ``cores`` are (rows, cols) ranges on the latent grid that partition it."""
+class Tile:
+    """One tile of a group: ``rects[k]`` the rect of each register at segment k's input (``rects[-1]``: output),
+    ``cores[k]`` its core there (for the statistics)."""
 
-    stages: list[Stage]
+    rects: list[Rects]
+    cores: list[Rect]
+
+
+@dataclass
+class Group:
+    """Consecutive segments run tile by tile over one assembled input; ``sizes[k]`` the (H, W) at segment k's
+    input, ``sizes[-1]`` at the output."""
+
+    segs: list[Segment]
     sizes: list[tuple[int, int]]
-    cores: list[tuple[tuple[int, int], tuple[int, int]]]
+    tiles: list[Tile] = field(default_factory=list)
 
-    @property
-    def up(self) -> bool:
-        return self.stages[0].up
+    def state_bytes(self, tile: Tile, k: int, elem: int) -> int:
+        seg = self.segs[k]
+        return sum(seg.channels[r] * _area(rect) for r, rect in tile.rects[k].items()) * elem
 
-    def latent_index(self) -> int:
-        return 0 if self.up else len(self.stages)
+    def checkpoint_bytes(self, elem: int) -> int:
+        """Bytes to keep every tile's checkpoint at once (the largest over the group's norms, per tile)."""
+        norms = [k for k, s in enumerate(self.segs) if s.norm is not None and k > 0]
+        return sum(max((self.state_bytes(t, k, elem) for k in norms), default=0) for t in self.tiles)
 
-    def norm_index(self, i: int) -> int:
-        """Index into ``sizes`` of the resolution where stage i's GroupNorms run."""
-        return i + 1 if self.up else i
-
-    def core(self, r: tuple[int, int], idx: int, axis: int) -> tuple[int, int]:
-        """Latent-grid range ``r`` at resolution ``sizes[idx]``; the last range is stretched to the axis end."""
-        lat, size = self.sizes[self.latent_index()][axis], self.sizes[idx][axis]
-        f = 2 ** abs(idx - self.latent_index())
-        return r[0] * f, size if r[1] == lat else r[1] * f
-
-    def windows(self, r: tuple[int, int], axis: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-        final = self.core(r, len(self.sizes) - 1, axis)
-        return final, _windows(final, self.stages, [s[axis] for s in self.sizes])
+    def out_bytes(self, elem: int) -> int:
+        h, w = self.sizes[-1]
+        return self.segs[-1].out_channels * h * w * elem
 
 
-def _out_start(st: Stage, start: int) -> int:
-    return start * 2 if st.up else start // 2
+def _make_group(segs: list[Segment], size: tuple[int, int], factor: int, lat: tuple[int, int],
+                cores: list[tuple[tuple[int, int], tuple[int, int]]]) -> tuple[Group, int]:
+    """Sizes, factors and per-tile rects of ``segs`` read at ``size`` (latent factor ``factor``). Returns the group
+    and the factor at its output."""
+    sizes, factors = [size], [factor]
+    for s in segs:
+        h, w = sizes[-1]
+        sizes.append((s.out_size(h), s.out_size(w)))
+        factors.append(factors[-1] * 2 if s.scale == 2 else factors[-1] // 2 if s.scale == -2 else factors[-1])
+    group = Group(segs, sizes)
+
+    def core(r: tuple[int, int], k: int, axis: int) -> tuple[int, int]:
+        f, n = factors[k], sizes[k][axis]
+        return r[0] * f, n if r[1] == lat[axis] else min(n, r[1] * f)
+
+    for ry, rx in cores:
+        m = len(segs)
+        cs = [(core(ry, k, 0), core(rx, k, 1)) for k in range(m + 1)]
+        rects: list[Rects] = [dict() for _ in range(m + 1)]
+        rects[m] = {"x": cs[m]}
+        for k in reversed(range(m)):
+            need = segs[k].needs(rects[k + 1], sizes[k])
+            if segs[k].norm is not None:
+                r = segs[k].norm_reg
+                need[r] = (hull(need[r][0], cs[k][0]), hull(need[r][1], cs[k][1]))
+            rects[k] = need
+        group.tiles.append(Tile(rects, cs))
+    return group, factors[-1]
 
 
-class _StageCache:
-    """Per-tile input of a stage whose preceding statistics are final, within a byte budget."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget, self.used = budget, 0
-        self.entries: dict[int, tuple[int, torch.Tensor]] = {}
-
-    def get(self, tile: int) -> Optional[tuple[int, torch.Tensor]]:
-        return self.entries.get(tile)
-
-    def put(self, tile: int, stage: int, t: torch.Tensor) -> None:
-        old = self.entries.pop(tile, None)
-        if old is not None:
-            self.used -= old[1].numel() * old[1].element_size()
-        size = t.numel() * t.element_size()
-        if self.used + size <= self.budget:
-            self.entries[tile] = (stage, t.clone())
-            self.used += size
-
-
-def _run_tile(plan: Plan, h: torch.Tensor, ry: tuple[int, int], rx: tuple[int, int], hook: NormHook,
-              out: Optional[torch.Tensor], cache: Optional[_StageCache] = None, tile: int = 0,
-              store_at: Optional[int] = None) -> None:
-    (fy, wy), (fx, wx) = plan.windows(ry, 0), plan.windows(rx, 1)
-    start, t = 0, None
-    hit = cache.get(tile) if cache is not None else None
-    if hit is not None:
-        start, t = hit
-    else:
-        t = h[..., wy[0][0]:wy[0][1], wx[0][0]:wx[0][1]]
-    token = NORM_HOOK.set(hook)
-    try:
-        for i in range(start, len(plan.stages)):
-            st = plan.stages[i]
-            if cache is not None and store_at == i and i > start:
-                cache.put(tile, i, t)
-            hook.stage = i
-            oy, ox = _out_start(st, wy[i][0]), _out_start(st, wx[i][0])
-            ny, nx = (oy, ox) if st.up else (wy[i][0], wx[i][0])
-            cy, cx = plan.core(ry, plan.norm_index(i), 0), plan.core(rx, plan.norm_index(i), 1)
-            hook.core = (slice(cy[0] - ny, cy[1] - ny), slice(cx[0] - nx, cx[1] - nx))
-            t = st.run(t)
-            (ay, by), (ax, bx) = (wy[i + 1], wx[i + 1]) if i + 1 < len(plan.stages) else (fy, fx)
-            t = t[..., ay - oy:by - oy, ax - ox:bx - ox]
-    finally:
-        NORM_HOOK.reset(token)
-    if out is not None:
-        out[..., fy[0]:fy[1], fx[0]:fx[1]] = t
+def _plan(stages: list[list[Segment]], size: tuple[int, int], factor: int, lat: tuple[int, int], core: int,
+          elem: int, budget: int, exact: bool) -> tuple[list[Group], str]:
+    """Level-major (a group per stage) if the budget holds the largest stage's checkpoints and its assembled input
+    and output; else tile-major (one group)."""
+    cores = [(ry, rx) for ry in _split(lat[0], core) for rx in _split(lat[1], core)]
+    if exact and len(stages) > 1 and budget > 0:
+        groups, f, s = [], factor, size
+        for segs in stages:
+            g, f = _make_group(segs, s, f, lat, cores)
+            groups.append(g)
+            s = g.sizes[-1]
+        need = 0
+        for i, g in enumerate(groups):
+            assembled = (groups[i - 1].out_bytes(elem) if i else 0) + (g.out_bytes(elem) if i < len(groups) - 1 else 0)
+            need = max(need, assembled + g.checkpoint_bytes(elem))
+        if need <= budget:
+            return groups, "level-major"
+    g, _ = _make_group([s for segs in stages for s in segs], size, factor, lat, cores)
+    return [g], "tile-major"
 
 
-def _cache_budget(device: torch.device, opts: TileOptions) -> int:
-    if opts.cache_bytes is not None:
-        return opts.cache_bytes
-    cap = 2 * 2**30 if device.type == "cuda" else 2**30
-    return int(min(cap, free_memory(device) // 8))
+# ----------------------------------------------------------------------------------------------------------------
+# execution
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    opts: TileOptions
+    report: TileReport
+    total: int
+    done: int = 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.opts.progress is not None:
+            self.opts.progress(self.done, self.total)
+
+    def check_cancel(self) -> None:
+        if self.opts.cancel is not None and self.opts.cancel():
+            raise Cancelled("tiled VAE call cancelled between tiles")
 
 
-def _tiled_stages(plan: Plan, h: torch.Tensor, proxy: NormHook, out: torch.Tensor, opts: TileOptions) -> None:
-    """Run all tiles through the stages and write their cores into ``out``.
+def _sweeps(group: Group, stats: Stats) -> list[int]:
+    """Segments whose GroupNorm statistics are still unknown, in call order (one sweep each, plus the last)."""
+    return [k for k, s in enumerate(group.segs) if s.norm is not None and s.norm not in stats]
 
-    ``exact``: for each GroupNorm in call order, every tile runs up to that norm (earlier norms use their pooled,
-    now exact, statistics) and its core statistics are pooled; then a last pass writes the output. ``fast``: one
-    pass with the proxy's statistics.
-    """
-    n = len(plan.cores)
-    norms = proxy.order if opts.mode == "exact" else []
-    total, done = n * (len(norms) + 1), 0
-    stats: Stats = {} if norms else proxy.stats()
 
-    cache = _StageCache(_cache_budget(h.device, opts)) if norms and len(plan.stages) > 1 else None
-    cached_stage = 0
+def _run_group(group: Group, src: torch.Tensor, dst: torch.Tensor, stats: Stats, store: CheckpointStore,
+               run: _Run) -> None:
+    """Run every tile of ``group`` from ``src`` (the whole input, ``[1, C, H, W]``) and write the tiles' cores into
+    ``dst``, sweeping the GroupNorms whose statistics ``stats`` lacks (and adding them to it)."""
+    full: Rect = ((0, group.sizes[0][0]), (0, group.sizes[0][1]))
+    segs, rep = group.segs, run.report
+    ran = [0] * len(group.tiles)  # segments each tile has run at least once
+    end = len(segs)
+    for target in _sweeps(group, stats) + [end]:
+        acc = StatsAccumulator()
+        for i, tile in enumerate(group.tiles):
+            run.check_cancel()
+            hit = store.get(i)
+            k, state = hit if hit is not None else (0, {"x": src[..., slice(*tile.rects[0]["x"][0]),
+                                                                   slice(*tile.rects[0]["x"][1])]})
+            if hit is None and tile.rects[0]["x"] == full:
+                state = {"x": src}
+            for j in range(k, target):
+                state = segs[j].run(state, tile.rects[j], tile.rects[j + 1], group.sizes[j], stats)
+                flops = segs[j].flops(tile.rects[j + 1])
+                rep.segment_runs += 1
+                if j < ran[i]:
+                    rep.recomputed_runs += 1
+                    rep.flops_recompute += flops
+                else:
+                    rep.flops_halo += flops
+            ran[i] = max(ran[i], target)
+            if target == end:
+                (oy, ox) = tile.rects[end]["x"]
+                dst[..., oy[0]:oy[1], ox[0]:ox[1]] = state["x"]
+                store.drop(i)
+            else:
+                (ry, rx), (cy, cx) = tile.rects[target][segs[target].norm_reg], tile.cores[target]
+                t = state[segs[target].norm_reg]
+                acc.add(t[..., cy[0] - ry[0]:cy[1] - ry[0], cx[0] - rx[0]:cx[1] - rx[0]], segs[target].norm.num_groups)
+                if target > k:
+                    store.put(i, target, state)
+            del state
+            run.tick()
+        if target != end:
+            stats[segs[target].norm] = acc.result()
+    for k, s in enumerate(segs):  # the halo share is what first runs computed beyond the untiled work
+        rep.flops_useful += s.flops({r: ((0, group.sizes[k + 1][0]), (0, group.sizes[k + 1][1])) for r in
+                                     s.outputs()})
+    rep.flops_halo -= sum(s.flops({r: ((0, group.sizes[k + 1][0]), (0, group.sizes[k + 1][1])) for r in
+                                   s.outputs()}) for k, s in enumerate(segs))
 
-    def each_tile(hook: NormHook, target: Optional[torch.Tensor], store_at: Optional[int]) -> None:
-        nonlocal done
-        for index, (ry, rx) in enumerate(plan.cores):
-            if opts.cancel is not None and opts.cancel():
-                raise Cancelled("tiled VAE call cancelled between tiles")
-            try:
-                _run_tile(plan, h, ry, rx, hook, target, cache, index, store_at)
-            except StopForward:
-                pass
-            done += 1
-            if opts.progress is not None:
-                opts.progress(done, total)
 
-    for norm in norms:
-        stage = proxy.stage_of[norm]
-        store_at = stage if cache is not None and stage > cached_stage else None
-        hook = NormHook(stats, stop_at=norm)
-        each_tile(hook, None, store_at)
-        cached_stage = max(cached_stage, store_at or 0)
-        stats[norm] = hook.acc[norm].result()
-    each_tile(NormHook(stats), out, None)
+def _run_plan(groups: list[Group], src: torch.Tensor, dst: torch.Tensor, stats: Stats, store: CheckpointStore,
+              run: _Run) -> None:
+    """Run the groups in order; intermediate outputs are assembled whole (their bytes are reserved in ``store``)."""
+    for i, g in enumerate(groups):
+        if i == len(groups) - 1:
+            out = dst
+        else:
+            h, w = g.sizes[-1]
+            out = torch.empty((1, g.segs[-1].out_channels, h, w), device=src.device, dtype=src.dtype)
+            store.reserve(nbytes({"o": out}))
+        _run_group(g, src, out, stats, store, run)
+        if i:
+            store.release(nbytes({"s": src}))
+        src = out
+
+
+def _proxy_stats(stages: list[list[Segment]], proxy_src: torch.Tensor, factor: int) -> Stats:
+    """Exact statistics of every norm on a small whole-image proxy (one tile covering it)."""
+    h, w = proxy_src.shape[-2:]
+    lat = (h // factor, w // factor) if factor > 1 else (h, w)
+    lat = (max(1, lat[0]), max(1, lat[1]))
+    groups, _ = _plan(stages, (h, w), factor, lat, max(lat), proxy_src.element_size(), 0, exact=False)
+    g = groups[0]
+    dst = torch.empty((1, g.segs[-1].out_channels, *g.sizes[-1]), device=proxy_src.device, dtype=proxy_src.dtype)
+    stats: Stats = {}
+    store = CheckpointStore(proxy_src.device, 2**62)
+    _run_group(g, proxy_src, dst, stats, store, _Run(TileOptions(), TileReport(), 0))
+    return stats
 
 
 def _proxy_shape(h: int, w: int, scale_px: int, budget: int) -> tuple[int, int]:
@@ -279,14 +310,32 @@ def _proxy_shape(h: int, w: int, scale_px: int, budget: int) -> tuple[int, int]:
     return max(1, round(h * f)), max(1, round(w * f))
 
 
-def _plan(stages: list[Stage], sizes: list[tuple[int, int]], lat: tuple[int, int], core: int) -> Plan:
-    cores = [(ry, rx) for ry in _split(lat[0], core) for rx in _split(lat[1], core)]
-    return Plan(stages, sizes, cores)
-
-
 def _check_mode(opts: TileOptions) -> None:
     if opts.mode not in ("exact", "fast"):
         raise VaeInputError(f"mode={opts.mode!r}: expected 'exact' or 'fast'")
+
+
+def _tiled(stages: list[list[Segment]], items: list[Callable[[], torch.Tensor]], size: tuple[int, int],
+           factor: int, lat: tuple[int, int], tile_lat: int, out: torch.Tensor,
+           proxies: Optional[list[Callable[[], torch.Tensor]]], opts: TileOptions) -> None:
+    """Shared driver: ``items[i]()`` gives batch item i's input to the tiled stages, written into ``out[i]``."""
+    device, elem = out.device, out.element_size()
+    dev_budget, host_budget = resolve_budget(opts.cache_bytes, device) if opts.mode == "exact" else (0, 0)
+    store = CheckpointStore(device, dev_budget, host_budget)
+    groups, schedule = _plan(stages, size, factor, lat, tile_lat, elem, store.total_budget, opts.mode == "exact")
+    rep = opts.report if opts.report is not None else TileReport()
+    rep.schedule, rep.tiles, rep.cache_budget = schedule, len(groups[0].tiles), store.total_budget
+    per_item = sum(len(g.tiles) * (len(_sweeps(g, {})) * (opts.mode == "exact") + 1) for g in groups)
+    run = _Run(opts, rep, per_item * len(items))
+    log.debug("tiled: %s, %d tiles, %d groups, cache budget %d bytes", schedule, rep.tiles, len(groups),
+              store.total_budget)
+    with torch.no_grad():
+        for i, item in enumerate(items):
+            stats = _proxy_stats(stages, proxies[i](), factor) if proxies is not None else {}
+            rep.sweeps += sum(len(_sweeps(g, stats)) + 1 for g in groups)
+            _run_plan(groups, item(), out[i:i + 1], stats, store, run)
+            store.clear()
+    rep.cache_peak = max(rep.cache_peak, store.peak)
 
 
 def decoder_forward_tiled(model: AutoencoderKL, h: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
@@ -298,9 +347,6 @@ def decoder_forward_tiled(model: AutoencoderKL, h: torch.Tensor, tile: int, opts
     b, _, lh, lw = h.shape
     if core >= lh and core >= lw:
         return dec(h)
-    stages = decoder_stages(model)
-    sizes = [(lh * 2**i, lw * 2**i) for i in range(len(stages) + 1)]
-    plan = _plan(stages, sizes, (lh, lw), core)
 
     def low(t: torch.Tensor) -> torch.Tensor:
         t = dec.stem(t)
@@ -308,18 +354,15 @@ def decoder_forward_tiled(model: AutoencoderKL, h: torch.Tensor, tile: int, opts
             t = blk(t)
         return t
 
-    out = None
-    for i in range(b):
+    proxies = None
+    if opts.mode == "fast":
         ph, pw = _proxy_shape(lh, lw, down, opts.proxy_pixels or max(256 * 256, tile * tile))
-        hp = F.adaptive_avg_pool2d(h[i:i + 1], (ph, pw)) if (ph, pw) != (lh, lw) else h[i:i + 1]
-        proxy_plan = Plan(stages, [(ph * 2**k, pw * 2**k) for k in range(len(stages) + 1)], [((0, ph), (0, pw))])
-        proxy = NormHook(None)
-        _run_tile(proxy_plan, low(hp), (0, ph), (0, pw), proxy, None)
-        h0 = low(h[i:i + 1])
-        if out is None:
-            out = torch.empty((b, model.config.out_channels, lh * down, lw * down), device=h.device, dtype=h0.dtype)
-        _tiled_stages(plan, h0, proxy, out[i:i + 1], opts)
-        del h0
+        proxies = [lambda i=i: low(F.adaptive_avg_pool2d(h[i:i + 1], (ph, pw)) if (ph, pw) != (lh, lw)
+                                   else h[i:i + 1]) for i in range(b)]
+    out = torch.empty((b, model.config.out_channels, lh * down, lw * down), device=h.device, dtype=h.dtype)
+    with torch.no_grad():
+        _tiled(decoder_segments(model), [lambda i=i: low(h[i:i + 1]) for i in range(b)], (lh, lw), 1, (lh, lw),
+               core, out, proxies, opts)
     return out
 
 
@@ -329,33 +372,27 @@ def encoder_forward_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts
     _check_mode(opts)
     enc, down = model.encoder, model.config.downscale
     b, _, hh, ww = x.shape
-    stages = encoder_stages(model)
-    sizes = [(hh, ww)]
+    stages = encoder_segments(model)
+    lat = (hh, ww)
     for _ in stages:
-        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
-    lat = sizes[-1]
+        lat = (lat[0] // 2, lat[1] // 2)
     core = max(1, tile // down)
     if core >= lat[0] and core >= lat[1]:
         return enc(x)
-    plan = _plan(stages, sizes, lat, core)
-    widths = [model.config.ch * m for m in model.config.ch_mult]
-    moments = []
-    for i in range(b):
+    proxies = None
+    if opts.mode == "fast":
         ph, pw = _proxy_shape(hh, ww, 1, opts.proxy_pixels or max(256 * 256, tile * tile))
         ph, pw = max(down, ph // down * down), max(down, pw // down * down)
-        xp = F.interpolate(x[i:i + 1], size=(ph, pw), mode="bilinear", antialias=True, align_corners=False)
-        psizes = [(ph, pw)]
-        for _ in stages:
-            psizes.append((psizes[-1][0] // 2, psizes[-1][1] // 2))
-        proxy = NormHook(None)
-        _run_tile(Plan(stages, psizes, [((0, psizes[-1][0]), (0, psizes[-1][1]))]), xp, (0, psizes[-1][0]),
-                  (0, psizes[-1][1]), proxy, None)
-        low = torch.empty((1, widths[-2], lat[0], lat[1]), device=x.device, dtype=x.dtype)
-        _tiled_stages(plan, x[i:i + 1], proxy, low, opts)
+        proxies = [lambda i=i: F.interpolate(x[i:i + 1], size=(ph, pw), mode="bilinear", antialias=True,
+                                             align_corners=False) for i in range(b)]
+    width = stages[-1][-1].out_channels
+    low = torch.empty((b, width, lat[0], lat[1]), device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        _tiled(stages, [lambda i=i: x[i:i + 1] for i in range(b)], (hh, ww), 2 ** len(stages), lat, core, low,
+               proxies, opts)
         for blk in enc.down[-1].block:
             low = blk(low)
-        moments.append(enc.head(low))
-    return torch.cat(moments)
+        return enc.head(low)
 
 
 def decode_tiled(model: AutoencoderKL, z: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
@@ -389,6 +426,7 @@ def _run(kind: str, model: AutoencoderKL, t: torch.Tensor, opts: TileOptions, pi
             raise VaeInputError(f"tile={tile!r}: expected None, 'auto' or an int ≥ {MIN_TILE} (image pixels)")
         if tile < MIN_TILE:
             raise VaeInputError(f"tile={tile}: below the minimum of {MIN_TILE} image pixels")
+    resolve_budget(opts.cache_bytes, torch.device("meta"))  # validate the argument early
     if tile is not None:
         return tiled(model, t, tile, opts)
     failed: Optional[str] = None
