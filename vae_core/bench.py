@@ -1,14 +1,19 @@
-"""``python -m vae_core bench``: time, peak memory and fidelity of untiled, our tiled and diffusers' tiled calls.
+"""``python -m vae_core bench``: time, peak memory, fidelity and FLOPs of untiled, our tiled and diffusers' tiled
+calls.
 
 Each configuration runs in a fresh worker process (``python -m vae_core.bench --worker JSON``), so the CPU figure
 is that process's peak RSS (``VmHWM``) and the CUDA figure ``max_memory_allocated``. Outputs are written to
 temporary files and compared with the untiled output (PSNR for images with peak-to-peak 2, SNR for latents).
 Without ``--vae`` the model is a random-weight SD-width AutoencoderKL (83.7 M parameters, seed 0). Inputs: the
 bundled photo resized to each size (encode), its latent (decode with ``--vae``) or Gaussian latents (random model).
+FLOP ratios are counted on the meta device (:func:`flop_ratio`); for exact mode each row also gives the number of
+sweeps over the tiles, the share of the tiled stages' conv FLOPs spent on halos and on recomputation, and the cache
+actually used.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,7 +29,7 @@ import torch
 from .images import psnr, snr
 from .precision import DTYPES
 
-__all__ = ["add_bench_parser", "run_worker", "measure"]
+__all__ = ["add_bench_parser", "run_worker", "measure", "flop_ratio"]
 
 
 def _model(spec: dict[str, Any]):
@@ -38,7 +43,7 @@ def _model(spec: dict[str, Any]):
     return AutoencoderKL(cfg).eval().requires_grad_(False)
 
 
-def _diffusers_model(model, device: torch.device, dtype: torch.dtype, tile: int):
+def _diffusers_model(model, device: torch.device, dtype: torch.dtype, tile: int, load: bool = True):
     from diffusers import AutoencoderKL as DiffusersKL  # optional, benchmark only
 
     from .convert import diffusers_config, ldm_to_diffusers
@@ -47,7 +52,8 @@ def _diffusers_model(model, device: torch.device, dtype: torch.dtype, tile: int)
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     cfg["sample_size"] = tile
     d = DiffusersKL(**cfg)
-    d.load_state_dict(ldm_to_diffusers(model.state_dict()))
+    if load:
+        d.load_state_dict(ldm_to_diffusers(model.state_dict()))
     d = d.to(device, dtype).eval()
     d.enable_tiling()
     d.tile_sample_min_size = tile
@@ -116,7 +122,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         d = _diffusers_model(model, device, dtype, tile)
         fn = (lambda t: d.decode(t).sample) if spec["op"] == "decode" else (lambda t: d.encode(t).latent_dist.mean)
     else:
-        opts = tiling.TileOptions(tile=None if impl == "untiled" else tile, mode=spec.get("mode", "exact"))
+        report = tiling.TileReport()
+        opts = tiling.TileOptions(tile=None if impl == "untiled" else tile, mode=spec.get("mode", "exact"),
+                                  cache_bytes=spec.get("cache_bytes", "auto"), report=report)
         engine = tiling.decode if spec["op"] == "decode" else tiling.encode
         fn = lambda t: engine(model, t, opts)  # noqa: E731
     reset_peak_rss()
@@ -144,7 +152,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         from safetensors.torch import save_file
 
         save_file({"out": out.float().cpu().contiguous()}, spec["out"])
-    return {"status": "ok", "seconds": statistics.median(times), "peak_bytes": peak, "base_rss_bytes": base_rss}
+    result = {"status": "ok", "seconds": statistics.median(times), "peak_bytes": peak, "base_rss_bytes": base_rss}
+    if impl == "ours":
+        result["report"] = dataclasses.asdict(report)
+    return result
 
 
 def measure(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
@@ -157,6 +168,45 @@ def measure(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         return {"status": "error", "error": tail[0]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def flop_ratio(config: Any, op: str, size: int, impl: str, tile: int, mode: str = "exact",
+               cache_bytes: Any = "auto") -> Optional[float]:
+    """FLOPs of one ``impl`` call over the untiled call, counted with ``torch.utils.flop_counter`` on the meta
+    device (no data, deterministic: FLOPs do not depend on weight values). ``cache_bytes="auto"`` counts what the
+    plan needs for full speed. None if the implementation cannot run on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from . import tiling
+    from .model import AutoencoderKL
+
+    def count(fn: Any) -> int:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    with torch.device("meta"):
+        model = AutoencoderKL(config).eval().requires_grad_(False)
+    f = config.downscale
+    x = (torch.empty(1, config.latent_channels, size // f, size // f, device="meta") if op == "decode"
+         else torch.empty(1, 3, size, size, device="meta"))
+    untiled = model.decode if op == "decode" else model.encode
+    try:
+        with torch.no_grad():
+            base = count(lambda: untiled(x))
+            if impl == "diffusers":
+                with torch.device("meta"):
+                    d = _diffusers_model(model, torch.device("meta"), torch.float32, tile, load=False)
+                fn = (lambda: d.decode(x).sample) if op == "decode" else (lambda: d.encode(x).latent_dist.mean)
+            else:
+                if cache_bytes == "auto":
+                    cache_bytes = tiling.cache_needed(model, op, size, size, tile)
+                opts = tiling.TileOptions(tile=None if impl == "untiled" else tile, mode=mode, cache_bytes=cache_bytes)
+                engine = tiling.decode if op == "decode" else tiling.encode
+                fn = lambda: engine(model, x, opts)  # noqa: E731
+            return count(fn) / base
+    except (RuntimeError, NotImplementedError, TypeError):  # an op without a meta kernel
+        return None
 
 
 def _fmt_mem(b: Optional[float]) -> str:
@@ -173,30 +223,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
         have_diffusers = True
     except ImportError:
         have_diffusers = False
+    from .model import ModelConfig
+
     label = args.vae or "random-weight SD-width AutoencoderKL (83.7 M params)"
-    if args.vae:
-        load_vae(args.vae)  # fail early with a clear error
+    config = load_vae(args.vae).model.config if args.vae else ModelConfig()  # fails early with a clear error
     machine = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {os.cpu_count()} threads"
     print(f"# vae_core bench: {label}; {args.dtype} on {machine}; torch {torch.__version__}; tile {args.tile} px; "
-          f"median of {args.runs} run(s)")
+          f"cache {args.cache_bytes}; median of {args.runs} run(s)")
     mem_label = "peak alloc" if device == "cuda" else "peak RSS"
-    print(f"| op | size | implementation | time (s) | {mem_label} | fidelity vs untiled |")
-    print("|---|---|---|---|---|---|")
+    print(f"| op | size | implementation | time (s) | time vs untiled | {mem_label} | fidelity vs untiled | "
+          "FLOPs vs untiled | sweeps | halo / recompute FLOPs | cache used |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for op in args.op:
             for size in sizes:
                 impls = [("untiled", None), ("vae_core exact", "exact"), ("vae_core fast", "fast")]
                 if have_diffusers:
                     impls.append(("diffusers tiled", None))
-                ref = None
+                ref, t_ref = None, None
                 for name, mode in impls:
                     impl = "untiled" if name == "untiled" else "diffusers" if name.startswith("diffusers") else "ours"
                     out = os.path.join(tmp, f"{op}{size}{impl}{mode}.safetensors")
                     spec = {"op": op, "size": size, "impl": impl, "mode": mode or "exact", "tile": args.tile,
-                            "dtype": args.dtype, "device": device, "runs": args.runs, "vae": args.vae, "out": out}
+                            "dtype": args.dtype, "device": device, "runs": args.runs, "vae": args.vae, "out": out,
+                            "cache_bytes": args.cache_bytes}
                     res = measure(spec)
                     if res["status"] != "ok":
-                        print(f"| {op} | {size}² | {name} | {res['status']} {res.get('error', '')} | | |", flush=True)
+                        print(f"| {op} | {size}² | {name} | {res['status']} {res.get('error', '')} | | | | | | | |",
+                              flush=True)
                         continue
                     from safetensors.torch import load_file
 
@@ -207,8 +261,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         fid = "-"
                     else:
                         fid = f"{psnr(ref, y):.1f} dB PSNR" if op == "decode" else f"{snr(ref, y):.1f} dB SNR"
-                    print(f"| {op} | {size}² | {name} | {res['seconds']:.3f} | {_fmt_mem(res['peak_bytes'])} | "
-                          f"{fid} |", flush=True)
+                    if impl == "untiled":
+                        t_ref = res["seconds"]
+                    ratio = flop_ratio(config, op, size, impl, args.tile, mode or "exact", args.cache_bytes)
+                    rep = res.get("report") or {}
+                    total = sum(rep.get(k, 0) for k in ("flops_useful", "flops_halo", "flops_recompute"))
+                    shares = (f"{100 * rep['flops_halo'] / total:.1f} % / {100 * rep['flops_recompute'] / total:.1f} %"
+                              if total else "-")
+                    t_ratio = f"{res['seconds'] / t_ref:.2f}×" if t_ref else "-"
+                    f_ratio = "-" if ratio is None else f"{ratio:.2f}×"
+                    cache = _fmt_mem(rep["cache_peak"]) if rep else "-"
+                    print(f"| {op} | {size}² | {name} | {res['seconds']:.3f} | {t_ratio} | "
+                          f"{_fmt_mem(res['peak_bytes'])} | {fid} | {f_ratio} | {rep.get('sweeps', '-')} | {shares} | "
+                          f"{cache} |", flush=True)
     return 0
 
 
@@ -221,7 +286,21 @@ def add_bench_parser(sub: Any) -> None:
     s.add_argument("--tile", type=int, default=256, help="tile edge in image px (ours and diffusers')")
     s.add_argument("--op", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     s.add_argument("--runs", type=int, default=1)
+    s.add_argument("--cache-bytes", type=_cache_arg, default="auto",
+                   help="exact tiling's cache budget in bytes, or 'auto' (default: a share of free memory)")
     s.set_defaults(fn=cmd_bench)
+
+
+def _cache_arg(value: str) -> Any:
+    if value == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--cache-bytes {value!r}: expected 'auto' or an int ≥ 0 (bytes)")
+    return n
 
 
 if __name__ == "__main__":

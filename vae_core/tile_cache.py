@@ -90,6 +90,11 @@ class CheckpointStore:
     def _note_peak(self) -> None:
         self.peak = max(self.peak, self.used["device"] + self.used["host"])
 
+    def free(self) -> int:
+        """Bytes not yet used, counting the space held by current checkpoints as free (they are replaced)."""
+        held = sum(nbytes(e[1]) for e in self.entries.values())
+        return self.total_budget - self.used["device"] - self.used["host"] + held
+
     def get(self, tile: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
         hit = self.entries.get(tile)
         if hit is None:

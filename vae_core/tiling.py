@@ -42,7 +42,7 @@ from .model import AutoencoderKL
 from .tile_cache import CacheArg, CheckpointStore, nbytes, resolve_budget
 from .tile_ops import Rect, Rects, Segment, Stats, decoder_segments, encoder_segments, hull
 
-__all__ = ["TileOptions", "TileReport", "decode", "encode", "decoder_forward", "encoder_forward", "Cancelled",
+__all__ = ["TileOptions", "TileReport", "CacheArg", "cache_needed", "decode", "encode", "decoder_forward", "encoder_forward", "Cancelled",
            "MIN_TILE", "auto_tile", "estimate_bytes", "free_memory", "is_oom"]
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,15 @@ class Group:
         seg = self.segs[k]
         return sum(seg.channels[r] * _area(rect) for r, rect in tile.rects[k].items()) * elem
 
-    def checkpoint_bytes(self, elem: int) -> int:
-        """Bytes to keep every tile's checkpoint at once (the largest over the group's norms, per tile)."""
-        norms = [k for k, s in enumerate(self.segs) if s.norm is not None and k > 0]
+    def checkpoint_bytes(self, elem: int, stream_only: bool = False) -> int:
+        """Bytes to keep every tile's checkpoint at once (per tile the largest over the group's norms; with
+        ``stream_only``, over the norms whose state is the stream ``x`` alone)."""
+        norms = [k for k, s in enumerate(self.segs) if s.norm is not None and k > 0 and
+                 (not stream_only or len(s.channels) == 1)]
         return sum(max((self.state_bytes(t, k, elem) for k in norms), default=0) for t in self.tiles)
+
+    def sweep_bytes(self, k: int, elem: int) -> int:
+        return sum(self.state_bytes(t, k, elem) for t in self.tiles)
 
     def out_bytes(self, elem: int) -> int:
         h, w = self.sizes[-1]
@@ -186,19 +191,53 @@ def _plan(stages: list[list[Segment]], size: tuple[int, int], factor: int, lat: 
     and output; else tile-major (one group)."""
     cores = [(ry, rx) for ry in _split(lat[0], core) for rx in _split(lat[1], core)]
     if exact and len(stages) > 1 and budget > 0:
-        groups, f, s = [], factor, size
-        for segs in stages:
-            g, f = _make_group(segs, s, f, lat, cores)
-            groups.append(g)
-            s = g.sizes[-1]
-        need = 0
-        for i, g in enumerate(groups):
-            assembled = (groups[i - 1].out_bytes(elem) if i else 0) + (g.out_bytes(elem) if i < len(groups) - 1 else 0)
-            need = max(need, assembled + g.checkpoint_bytes(elem))
-        if need <= budget:
+        groups = _level_major(stages, size, factor, lat, cores)
+        if _level_major_need(groups, elem, stream_only=True) <= budget:
             return groups, "level-major"
     g, _ = _make_group([s for segs in stages for s in segs], size, factor, lat, cores)
     return [g], "tile-major"
+
+
+def _level_major(stages: list[list[Segment]], size: tuple[int, int], factor: int, lat: tuple[int, int],
+                 cores: list) -> list[Group]:
+    groups, f, s = [], factor, size
+    for segs in stages:
+        g, f = _make_group(segs, s, f, lat, cores)
+        groups.append(g)
+        s = g.sizes[-1]
+    return groups
+
+
+def _level_major_need(groups: list[Group], elem: int, stream_only: bool = False) -> int:
+    """Cache bytes for the level-major schedule: per stage, its assembled input and output plus every tile's
+    checkpoint (all of them: full speed; ``stream_only``: the stream checkpoints, which costs one conv per resnet
+    block in recomputation)."""
+    need = 0
+    for i, g in enumerate(groups):
+        assembled = (groups[i - 1].out_bytes(elem) if i else 0) + (g.out_bytes(elem) if i < len(groups) - 1 else 0)
+        need = max(need, assembled + g.checkpoint_bytes(elem, stream_only))
+    return need
+
+
+def cache_needed(model: AutoencoderKL, op: str, height: int, width: int, tile: int,
+                 dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of ``cache_bytes`` with which exact tiling of one ``height``×``width`` image (image pixels) runs every
+    segment once per tile (the level-major schedule); 0 when one tile covers the image. Less still gives the
+    exact result, with recomputation."""
+    down, elem = model.config.downscale, torch.finfo(dtype).bits // 8
+    if op == "decode":
+        stages, size, factor = decoder_segments(model), (height // down, width // down), 1
+        lat = size
+    elif op == "encode":
+        stages, size = encoder_segments(model), (height, width)
+        factor, lat = 2 ** len(stages), (height // 2 ** len(stages), width // 2 ** len(stages))
+    else:
+        raise VaeInputError(f"op={op!r}: expected 'decode' or 'encode'")
+    core = max(1, tile // down)
+    if core >= lat[0] and core >= lat[1]:
+        return 0
+    cores = [(ry, rx) for ry in _split(lat[0], core) for rx in _split(lat[1], core)]
+    return _level_major_need(_level_major(stages, size, factor, lat, cores), elem)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,6 +276,13 @@ def _run_group(group: Group, src: torch.Tensor, dst: torch.Tensor, stats: Stats,
     end = len(segs)
     for target in _sweeps(group, stats) + [end]:
         acc = StatsAccumulator()
+        # keep this sweep's states if every tile's fits; otherwise only stream-only states, as many as fit
+        if target == end:
+            keep = "none"
+        elif group.sweep_bytes(target, src.element_size()) <= store.free():
+            keep = "all"
+        else:
+            keep = "some" if len(segs[target].channels) == 1 else "none"
         for i, tile in enumerate(group.tiles):
             run.check_cancel()
             hit = store.get(i)
@@ -262,7 +308,7 @@ def _run_group(group: Group, src: torch.Tensor, dst: torch.Tensor, stats: Stats,
                 (ry, rx), (cy, cx) = tile.rects[target][segs[target].norm_reg], tile.cores[target]
                 t = state[segs[target].norm_reg]
                 acc.add(t[..., cy[0] - ry[0]:cy[1] - ry[0], cx[0] - rx[0]:cx[1] - rx[0]], segs[target].norm.num_groups)
-                if target > k:
+                if target > k and keep != "none":
                     store.put(i, target, state)
             del state
             run.tick()

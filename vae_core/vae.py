@@ -61,7 +61,9 @@ class Vae:
     ``encode``: images ``[B, 3, H, W]`` in [-1, 1] → raw (unscaled) posterior means ``[B, C, H//8, W//8]``.
     ``decode``: raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]``, about [-1, 1], not clamped.
     Both return float32 on the model's device, check every output element for NaN/inf and retry in a wider dtype
-    (bf16 where supported, then fp32) remembering what worked, and take ``tile=`` (None, ``"auto"`` or image px).
+    (bf16 where supported, then fp32) remembering what worked, and take ``tile=`` (None, ``"auto"`` or image px),
+    ``mode=`` (``"exact"`` or ``"fast"``), ``cache_bytes=`` (``"auto"`` or an int: the tiled engine's checkpoint
+    budget, see :mod:`vae_core.tiling`) and ``report=`` (a :class:`~vae_core.tiling.TileReport` to fill in).
     """
 
     def __init__(self, model: AutoencoderKL, info: VaeInfo) -> None:
@@ -145,20 +147,22 @@ class Vae:
         return out.float()
 
     def encode(self, x: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
-               progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None
-               ) -> torch.Tensor:
+               progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,
+               cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] (H, W ≥ 8; not multiples of 8 are floored like the reference) →
         raw posterior means ``[B, C, H//8, W//8]`` float32."""
         x = self._check(x, "encode input", self.model.config.in_channels, self.model.config.downscale)
-        opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel)
+        opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
+                                  report=report)
         return self._call("encode", x, tiling.encode, opts)
 
     def decode(self, z: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
-               progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None
-               ) -> torch.Tensor:
+               progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,
+               cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None) -> torch.Tensor:
         """Raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]`` float32, about [-1, 1] (not clamped)."""
         z = self._check(z, "decode input", self.info.latent_channels, 1)
-        opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel)
+        opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
+                                  report=report)
         return self._call("decode", z, tiling.decode, opts)
 
     def __repr__(self) -> str:

@@ -1,0 +1,86 @@
+"""Exact tiling costs about what untiled costs: FLOP ratios counted with torch.utils.flop_counter on the meta device
+(deterministic, no data needed: FLOPs do not depend on weight values), for the trained fixture's shape and SD's."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vae_core import tiling
+from vae_core.model import AutoencoderKL, ModelConfig
+
+FIXTURE = ModelConfig(ch=32, ch_mult=(1, 2, 4, 4))  # tests/fixtures/mini-vae: SD's topology at 1/4 width
+SD = ModelConfig()
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def flop_ratio(cfg: ModelConfig, op: str, size: int, tile: int, cache_bytes: object = None,
+               report: tiling.TileReport | None = None, mode: str = "exact") -> float:
+    """FLOPs of the tiled call over FLOPs of the untiled call, on the meta device. ``cache_bytes`` None: what the
+    plan needs for full speed (:func:`vae_core.tiling.cache_needed`)."""
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg).eval().requires_grad_(False)
+    f = cfg.downscale
+    if cache_bytes is None:
+        cache_bytes = tiling.cache_needed(model, op, size, size, tile)
+    opts = tiling.TileOptions(tile=tile, mode=mode, cache_bytes=cache_bytes, report=report)
+    with torch.no_grad():
+        if op == "decode":
+            x = torch.empty(1, cfg.latent_channels, size // f, size // f, device="meta")
+            return _flops(lambda: tiling.decode(model, x, opts)) / _flops(lambda: model.decode(x))
+        x = torch.empty(1, 3, size, size, device="meta")
+        return _flops(lambda: tiling.encode(model, x, opts)) / _flops(lambda: model.encode(x))
+
+
+@pytest.mark.parametrize("op", ["decode", "encode"])
+@pytest.mark.parametrize("cfg,size,tile,limit", [(FIXTURE, 1024, 256, 1.3), (FIXTURE, 2048, 512, 1.3),
+                                                 (SD, 512, 256, 1.5)], ids=["fixture-1024-256", "fixture-2048-512",
+                                                                            "sd-512-256"])
+def test_exact_flop_ratio(op, cfg, size, tile, limit):
+    report = tiling.TileReport()
+    ratio = flop_ratio(cfg, op, size, tile, report=report)
+    assert ratio <= limit, ratio
+    assert report.recomputed_runs == 0 and report.flops_recompute == 0
+    assert report.schedule == "level-major" and report.tiles == (size // tile) ** 2
+
+
+def test_smaller_budgets_cost_more_but_degrade_gradually():
+    """Half the full-speed cache costs < 1.5×, none at all recomputes (the exact result, slowest)."""
+    with torch.device("meta"):
+        model = AutoencoderKL(FIXTURE)
+    need = tiling.cache_needed(model, "decode", 1024, 1024, 256)
+    full, half, none = (flop_ratio(FIXTURE, "decode", 1024, 256, c) for c in (need, need // 2, 0))
+    assert full < half < 1.5 < none, (full, half, none)
+
+
+def test_fast_mode_is_no_cheaper_than_exact():
+    """The reason exact is the default: with its cache it computes less than fast mode's proxy + one sweep."""
+    assert flop_ratio(FIXTURE, "decode", 1024, 256) < flop_ratio(FIXTURE, "decode", 1024, 256, mode="fast")
+
+
+def test_report_accounts_for_the_tiled_flops():
+    """The engine's own FLOP accounting (convs of the tiled stages) agrees with the FLOP counter's extra FLOPs."""
+    report = tiling.TileReport()
+    ratio = flop_ratio(FIXTURE, "decode", 512, 128, 0, report)
+    with torch.device("meta"):
+        model = AutoencoderKL(FIXTURE)
+    z = torch.empty(1, 4, 64, 64, device="meta")
+    with torch.no_grad():
+        untiled = _flops(lambda: model.decode(z))
+    extra = (ratio - 1) * untiled
+    assert report.flops_halo + report.flops_recompute == pytest.approx(extra, rel=0.01)
+
+
+def test_cache_needed_scales_with_area():
+    with torch.device("meta"):
+        model = AutoencoderKL(FIXTURE)
+    a, b = (tiling.cache_needed(model, "decode", s, s, 256) for s in (1024, 2048))
+    assert 3.5 < b / a < 4.5
+    assert tiling.cache_needed(model, "decode", 256, 256, 256) == 0
+    with pytest.raises(ValueError, match="op="):
+        tiling.cache_needed(model, "roundtrip", 256, 256, 64)
