@@ -25,7 +25,7 @@ import torch
 from .errors import VaeLoadError
 
 __all__ = ["RawWeights", "read_weights", "read_json", "read_index", "find_diffusers_folder", "WEIGHT_SUFFIXES",
-           "DIFFUSERS_NAMES", "is_weight_file", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
+           "DIFFUSERS_NAMES", "is_weight_file", "check_tensor_kinds", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,18 @@ def _sniff(path: Path) -> str:
         raise VaeLoadError(path, "the file is empty (0 bytes)", "a .safetensors, .ckpt, .pt, .pth or .bin VAE")
     with open(path, "rb") as fh:
         head = fh.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    # safetensors first: a header length whose low byte is 0x80 (e.g. 10880 bytes) starts like a pickle
+    if 2 <= n <= min(_MAX_HEADER, size - 8):
+        with open(path, "rb") as fh:
+            fh.seek(8)
+            if fh.read(1) == b"{":
+                return "safetensors"
     if head[:2] == b"PK":
         return "zip"
     if head[:1] == b"\x80":
         return "pickle"
     if len(head) == 8:
-        (n,) = struct.unpack("<Q", head)
-        if 2 <= n <= min(_MAX_HEADER, size - 8):
-            with open(path, "rb") as fh:
-                fh.seek(8)
-                if fh.read(1) == b"{":
-                    return "safetensors"
         if path.suffix.lower() in (".safetensors", ".sft"):
             raise VaeLoadError(path, f"a safetensors header of {n} bytes in a file of {size} bytes (truncated or "
                                "not safetensors)", "a complete safetensors file")
@@ -148,13 +149,14 @@ def _read_pickle(path: Path, kind: str) -> dict:
     try:
         # torch.serialization.load, not torch.load: A1111 replaces torch.load with a wrapper that returns None on
         # files its own unpickler rejects; weights_only=True is at least as strict.
-        obj = torch.serialization.load(str(path), map_location="cpu", weights_only=True)
+        # an open file, not a name: recent torch hands names ending in .safetensors to safetensors itself
+        with open(path, "rb") as fh:
+            obj = torch.serialization.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise VaeLoadError(path, f"a pickle that asks to run code or load non-tensor objects, refused unrun "
                            f"({_offending_global(exc)})", "a pickle of tensors only (read with weights_only=True; "
                            "convert trusted files to .safetensors)") from exc
-    except (EOFError, RuntimeError, ValueError, OSError, struct.error, KeyError, TypeError, AttributeError,
-            IndexError, MemoryError, OverflowError, RecursionError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch raises many types here (RuntimeError, EOFError, KeyError, ...)
         raise VaeLoadError(path, f"an unreadable pickle ({type(exc).__name__}: {exc})",
                            "a complete torch checkpoint") from exc
     if not isinstance(obj, dict):
@@ -184,10 +186,41 @@ def _flatten(obj: dict, path: Path) -> dict[str, torch.Tensor]:
             sd[k] = v
         elif isinstance(k, str) and _is_vae_key(k):
             raise VaeLoadError(path, f"a {type(v).__name__} under the weight key {k!r}", "a tensor for every VAE key")
+    check_tensor_kinds(sd, path)
     if not sd:
         raise VaeLoadError(path, f"no tensors (top-level keys: {sorted(map(str, obj))[:8]})", "a state dict of "
                            "VAE weights")
     return sd
+
+
+#: Largest tensor accepted (elements): SD's biggest VAE weight has 2.4 M; 2**31 leaves room for anything real.
+MAX_TENSOR_ELEMENTS = 2**31
+
+
+def check_tensor_kinds(sd: dict[str, torch.Tensor], path: object) -> None:
+    """Refuse tensors no VAE file holds, before any conversion touches them: meta, sparse, nested or quantized
+    tensors, more than :data:`MAX_TENSOR_ELEMENTS` elements, or views whose storage is smaller than their elements
+    (stride-0 "expanded" tensors that would inflate on the first copy).
+
+    Raises:
+        VaeLoadError: naming up to three offending keys and their kind.
+    """
+    odd = []
+    for k, v in sd.items():
+        if v.is_meta or v.layout != torch.strided or v.is_nested or v.is_quantized:
+            kind = ("meta" if v.is_meta else "nested" if v.is_nested else str(v.layout) if v.layout != torch.strided
+                    else "quantized")
+            odd.append(f"{k} ({kind})")
+        elif v.numel() > MAX_TENSOR_ELEMENTS:
+            odd.append(f"{k} ({v.numel()} elements)")
+        elif v.numel() and v.untyped_storage().nbytes() < v.numel() * v.element_size():
+            odd.append(f"{k} (overlapping elements: {v.numel()} elements in a storage of "
+                       f"{v.untyped_storage().nbytes()} bytes)")
+        if len(odd) >= 3:
+            break
+    if odd:
+        raise VaeLoadError(path, f"unsupported tensors {odd}", "dense (strided) tensors with real storage, each "
+                           "element stored once")
 
 
 def _is_vae_key(key: str) -> bool:

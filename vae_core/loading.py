@@ -15,7 +15,7 @@ from .atomic import atomic_write, same_file
 from .convert import diffusers_config, infer_config, ldm_to_diffusers, to_ldm
 from .errors import VaeInputError, VaeLoadError
 from .families import check_factor, resolve_family
-from .formats import DIFFUSERS_NAMES, RawWeights, read_index, read_weights
+from .formats import DIFFUSERS_NAMES, RawWeights, check_tensor_kinds, read_index, read_weights
 from .model import AutoencoderKL, ModelConfig, count_parameters
 from .precision import parse_dtype
 from .vae import Vae, VaeInfo
@@ -24,16 +24,12 @@ __all__ = ["load_vae", "save_vae", "ldm_state_dict_from_file", "vae_from_state_d
 
 log = logging.getLogger(__name__)
 
-#: Largest tensor accepted (elements): SD's biggest VAE weight has 2.4 M; 2**31 leaves room for anything real.
-MAX_TENSOR_ELEMENTS = 2**31
-
-
 def check_tensors(sd: dict[str, torch.Tensor], path: object) -> None:
     """Refuse weights that would load wrong or blow up later, naming the tensors (first few).
 
-    Checks, cheapest first: strided dense CPU/accelerator tensors (no meta, sparse, nested or quantized ones),
-    storage large enough for the elements (no overlapping stride-0 "views" that inflate on copy), no zero-sized
-    tensors, floating-point dtypes, and finite values (``torch.isfinite(t).all()`` per tensor).
+    Checks, cheapest first: tensor kinds (:func:`~vae_core.formats.check_tensor_kinds`: no meta, sparse, nested,
+    quantized or overlapping tensors), no zero-sized tensors, floating-point dtypes, and finite values
+    (``torch.isfinite(t).all()`` per tensor).
 
     Raises:
         VaeLoadError: naming up to three offending tensors and what was wrong with them.
@@ -41,17 +37,7 @@ def check_tensors(sd: dict[str, torch.Tensor], path: object) -> None:
     def fail(found: str, keys: list[str], expected: str) -> None:
         raise VaeLoadError(path, f"{found} in {len(keys)} tensor(s): {keys[:3]}", expected)
 
-    odd = []
-    for k, v in sd.items():
-        if v.is_meta or v.layout != torch.strided or v.is_nested or v.is_quantized:
-            odd.append(f"{k} ({'meta' if v.is_meta else v.layout if v.layout != torch.strided else 'nested' if v.is_nested else 'quantized'})")
-        elif v.numel() > MAX_TENSOR_ELEMENTS:
-            odd.append(f"{k} ({v.numel()} elements)")
-        elif v.numel() and v.untyped_storage().nbytes() < v.numel() * v.element_size():
-            odd.append(f"{k} (overlapping elements: {v.numel()} elements in a storage of "
-                       f"{v.untyped_storage().nbytes()} bytes)")
-    if odd:
-        fail("unsupported tensor kinds", odd, "dense (strided) tensors with real storage")
+    check_tensor_kinds(sd, path)
     empty = [f"{k} {tuple(v.shape)}" for k, v in sd.items() if v.numel() == 0]
     if empty:
         fail("zero-sized tensors", empty, "non-empty weights")
@@ -135,6 +121,7 @@ def vae_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "<state dict
                         shift_factor: Optional[float] = None) -> Vae:
     """Build a float32 :class:`Vae` (on the tensors' device) from an in-memory LDM- or diffusers-keyed state dict,
     bare or prefixed, e.g. the weights of a VAE a host already holds."""
+    check_tensor_kinds(sd, name)
     vae_sd, layout = to_ldm(sd, name)
     return _assemble(vae_sd, where=name, path=name, container="state dict", layout=layout.layout,
                      prefix=layout.prefix, all_keys=sd.keys(), norm_groups=norm_groups, config=None, metadata=None,
