@@ -144,7 +144,7 @@ def resolve_family(latent_channels: int, *, family: Optional[str] = None, scalin
             if shift is None and "shift_factor" in table:
                 shift, h_src = c_shift, label
         stated = table.get("family")
-        if name is None and stated is not None:
+        if name is None and stated is not None and stated != "custom":  # save_vae writes "custom" for others
             fam_obj = FAMILIES.get(stated) if isinstance(stated, str) else None
             if fam_obj is not None and fam_obj.latent_channels == latent_channels:
                 name, src = str(stated), label
