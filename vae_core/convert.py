@@ -19,7 +19,8 @@ import torch
 from .errors import VaeLoadError
 from .model import ModelConfig
 
-__all__ = ["Layout", "detect_layout", "extract_vae", "to_ldm", "diffusers_to_ldm", "ldm_to_diffusers", "infer_config"]
+__all__ = ["Layout", "detect_layout", "extract_vae", "to_ldm", "diffusers_to_ldm", "ldm_to_diffusers", "infer_config",
+           "check_bounds", "MAX_LEVELS", "MAX_BLOCKS"]
 
 PREFIXES = ("", "first_stage_model.", "vae.")
 _LDM_MARK = ("encoder.conv_in.weight", "decoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight")
@@ -86,9 +87,41 @@ _ATTN_L2D = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_
 _RESNET_D2L = {"conv_shortcut": "nin_shortcut"}
 
 
+#: Bounds checked before any module is built: SD-family VAEs have 4 levels of 2 blocks (decoder: one more).
+MAX_LEVELS = 8
+MAX_BLOCKS = 8
+_HUGE = 10**6
+
+
+def _index(digits: str) -> int:
+    # a crafted 5000-digit index must not reach int() (Python refuses > 4300 digits with a bare ValueError)
+    return int(digits) if len(digits) <= 6 else _HUGE
+
+
 def _levels(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
-    found = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
+    found = {_index(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
     return max(found) + 1 if found else 0
+
+
+def check_bounds(sd: Mapping[str, torch.Tensor], path: object = "<state dict>") -> None:
+    """Refuse LDM keys whose level or block indices exceed :data:`MAX_LEVELS`/:data:`MAX_BLOCKS` (decoder blocks:
+    one more), before anything is inferred or built: a crafted ``encoder.down.0.block.10000000.conv1.weight`` must
+    cost a key scan, not ten million modules.
+
+    Raises:
+        VaeLoadError: naming the first offending key.
+    """
+    for key in sd:
+        m = re.match(r"^(encoder|decoder)\.(down|up)\.(\d+)\.(?:block\.(\d+)\.)?", key)
+        if not m:
+            continue
+        level = _index(m.group(3))
+        block = _index(m.group(4)) if m.group(4) is not None else 0
+        max_block = MAX_BLOCKS + (1 if m.group(1) == "decoder" else 0)
+        if level >= MAX_LEVELS or block >= max_block:
+            raise VaeLoadError(path, f"key {key!r} (level index {m.group(3)[:12]}, block index "
+                               f"{(m.group(4) or '-')[:12]})", f"at most {MAX_LEVELS} levels of at most {MAX_BLOCKS} "
+                               f"blocks ({MAX_BLOCKS + 1} in the decoder), as in SD-family VAEs")
 
 
 def to_ldm(sd: Mapping[str, torch.Tensor], path: object = "<state dict>") -> tuple[dict[str, torch.Tensor], Layout]:
@@ -168,11 +201,17 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
     Raises:
         VaeLoadError: a required tensor is missing or widths are inconsistent.
     """
+    check_bounds(sd, path)
     conv_in = _shape(sd, "encoder.conv_in.weight", path)
     ch, in_channels = int(conv_in[0]), int(conv_in[1])
+    for key in ("encoder.conv_in.weight", "decoder.conv_in.weight", "encoder.conv_out.weight",
+                "decoder.conv_out.weight"):
+        shape = tuple(_shape(sd, key, path))
+        if len(shape) != 4 or 0 in shape:
+            raise VaeLoadError(path, f"'{key}' of shape {shape}", "a 4-d conv weight with no zero-sized dimension")
     n_levels = _levels(sd, r"encoder\.down\.(\d+)\.")
     widths = [int(_shape(sd, f"encoder.down.{i}.block.0.conv1.weight", path)[0]) for i in range(n_levels)]
-    if not widths or any(w % ch for w in widths):
+    if not widths or any(w <= 0 or w % ch for w in widths):
         raise VaeLoadError(path, f"encoder level widths {widths} for conv_in width {ch}",
                            "level widths that are multiples of the conv_in width")
     num_res = _levels(sd, r"encoder\.down\.0\.block\.(\d+)\.")

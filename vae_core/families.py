@@ -8,12 +8,18 @@ records which one was used.
 """
 from __future__ import annotations
 
+import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-__all__ = ["FAMILIES", "Family", "resolve_family"]
+from .errors import VaeInputError, VaeLoadError
+
+__all__ = ["FAMILIES", "Family", "resolve_family", "check_factor"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,46 +71,88 @@ def _from_name(path: Optional[Path], channels: int) -> Optional[str]:
     return None
 
 
-def _float(value: object) -> Optional[float]:
-    try:
-        return None if value is None or value == "" else float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+def check_factor(value: object, name: str, source: str, *, positive: bool, path: Optional[object] = None
+                 ) -> Optional[float]:
+    """Validate a scaling (``positive=True``: finite and > 0) or shift (finite) factor; None and "" mean absent.
+
+    Args:
+        value: the number (or numeric string, as safetensors metadata stores it).
+        name: ``"scaling_factor"`` or ``"shift_factor"``; ``source``: where it came from (e.g. ``"config.json"``).
+        path: the file it came from; then a :class:`VaeLoadError` is raised, else :class:`VaeInputError`.
+    Raises:
+        VaeLoadError / VaeInputError (both ValueError): naming the source, the value and what was expected.
+    """
+    if value is None or value == "":
         return None
+    expected = "a finite number > 0" if positive else "a finite number"
+    try:
+        if isinstance(value, bool):
+            raise TypeError("a boolean")
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+        ok = False
+    else:
+        ok = math.isfinite(number) and (number > 0 or not positive)
+    if ok:
+        return number
+    found = f"{name} {value!r} from {source}"
+    if path is not None:
+        raise VaeLoadError(path, found, f"{name} to be {expected}")
+    raise VaeInputError(f"{found}: expected {expected}")
 
 
 def resolve_family(latent_channels: int, *, family: Optional[str] = None, scaling_factor: Optional[float] = None,
                    shift_factor: Optional[float] = None, config: Optional[Mapping] = None,
                    metadata: Optional[Mapping[str, str]] = None, checkpoint_keys: Iterable[str] = (),
-                   path: Optional[Path] = None) -> tuple[str, float, Optional[float], dict[str, str]]:
+                   path: Optional[Path] = None, config_path: Optional[Path] = None,
+                   metadata_path: Optional[Path] = None) -> tuple[str, float, Optional[float], dict[str, str]]:
     """Decide family, scaling and shift factors.
 
     Returns:
         ``(family, scaling_factor, shift_factor, sources)`` where ``sources`` maps ``"family"``,
         ``"scaling_factor"`` and ``"shift_factor"`` to a short description of where each came from.
+    A family named by ``config.json`` or safetensors metadata that does not match ``latent_channels`` is ignored
+    with a logged warning (and noted in ``sources["family"]``); an unknown family name there likewise.
+
     Raises:
-        ValueError: ``family`` names no known family, or belongs to another channel count.
+        VaeInputError (a ValueError): ``family`` names no known family or belongs to another channel count;
+            ``scaling_factor``/``shift_factor`` arguments non-finite (scaling: or ≤ 0).
+        VaeLoadError (a ValueError): the same for values from ``config.json`` / metadata, naming the file.
     """
     if family is not None:
         if family not in FAMILIES:
-            raise ValueError(f"family={family!r}: unknown; expected one of {sorted(FAMILIES)}")
+            raise VaeInputError(f"family={family!r}: unknown; expected one of {sorted(FAMILIES)}")
         if FAMILIES[family].latent_channels != latent_channels:
-            raise ValueError(f"family={family!r} has {FAMILIES[family].latent_channels} latent channels, but this "
-                             f"VAE has {latent_channels}")
+            raise VaeInputError(f"family={family!r} has {FAMILIES[family].latent_channels} latent channels, but this "
+                                f"VAE has {latent_channels}; expected a family with {latent_channels} channels")
     name, src = family, "argument"
     scale = shift = None
     s_src = h_src = ""
+    ignored: list[str] = []
     if scaling_factor is not None:
-        scale, s_src = float(scaling_factor), "argument"
+        scale, s_src = check_factor(scaling_factor, "scaling_factor", "argument", positive=True), "argument"
     if shift_factor is not None:
-        shift, h_src = float(shift_factor), "argument"
-    for label, table in (("config.json", config or {}), ("safetensors metadata", metadata or {})):
-        c_scale = _float(table.get("scaling_factor"))
+        shift, h_src = check_factor(shift_factor, "shift_factor", "argument", positive=False), "argument"
+    for label, table, where in (("config.json", config or {}, config_path or path),
+                                ("safetensors metadata", metadata or {}, metadata_path or path)):
+        c_scale = check_factor(table.get("scaling_factor"), "scaling_factor", label, positive=True,
+                               path=where or label)
+        c_shift = check_factor(table.get("shift_factor"), "shift_factor", label, positive=False, path=where or label)
         if scale is None and c_scale is not None:
             scale, s_src = c_scale, label
             if shift is None and "shift_factor" in table:
-                shift, h_src = _float(table.get("shift_factor")), label
-        if name is None and table.get("family") in FAMILIES:
-            name, src = str(table["family"]), label
+                shift, h_src = c_shift, label
+        stated = table.get("family")
+        if name is None and stated is not None and stated != "custom":  # save_vae writes "custom" for others
+            fam_obj = FAMILIES.get(stated) if isinstance(stated, str) else None
+            if fam_obj is not None and fam_obj.latent_channels == latent_channels:
+                name, src = str(stated), label
+            else:
+                why = (f"{fam_obj.latent_channels} latent channels, this VAE has {latent_channels}" if fam_obj
+                       else f"unknown; known: {sorted(FAMILIES)}")
+                log.warning("%s: ignoring family %r from %s (%s)", where or label, stated, label, why)
+                ignored.append(f"ignored family {stated!r} from {label} ({why})")
         arch = str(table.get("modelspec.architecture", "")).lower()
         if name is None and arch:
             guess = "sdxl" if "xl" in arch else "sd3" if "sd3" in arch else "flux" if "flux" in arch else None
@@ -129,4 +177,6 @@ def resolve_family(latent_channels: int, *, family: Optional[str] = None, scalin
         scale, s_src = (fam.scaling_factor, f"family {name}") if fam else (1.0, "none known; 1.0")
     if not h_src:
         shift, h_src = (fam.shift_factor, f"family {name}") if fam else (None, "none known")
+    if ignored:
+        src = f"{src}; {'; '.join(ignored)}"
     return name, scale, shift, {"family": src, "scaling_factor": s_src, "shift_factor": h_src}

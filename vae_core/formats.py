@@ -24,7 +24,8 @@ import torch
 
 from .errors import VaeLoadError
 
-__all__ = ["RawWeights", "read_weights", "find_diffusers_folder", "WEIGHT_SUFFIXES", "DIFFUSERS_NAMES", "is_weight_file"]
+__all__ = ["RawWeights", "read_weights", "read_json", "read_index", "find_diffusers_folder", "WEIGHT_SUFFIXES",
+           "DIFFUSERS_NAMES", "is_weight_file", "check_tensor_kinds", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,14 @@ DIFFUSERS_NAMES = (
     "diffusion_pytorch_model.fp16.bin",
 )
 _MAX_HEADER = 100 * 2**20
+#: config.json and shard indexes larger than this are refused unread.
+MAX_JSON_BYTES = 2**20
+#: JSON nested deeper than this is refused (diffusers' files are 2-3 levels deep).
+MAX_JSON_DEPTH = 32
+#: at most this many shards in an index and members in a torch zip.
+MAX_SHARDS = 256
+MAX_ZIP_MEMBERS = 100_000
+_VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
 @dataclass
@@ -69,17 +78,18 @@ def _sniff(path: Path) -> str:
         raise VaeLoadError(path, "the file is empty (0 bytes)", "a .safetensors, .ckpt, .pt, .pth or .bin VAE")
     with open(path, "rb") as fh:
         head = fh.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    # safetensors first: a header length whose low byte is 0x80 (e.g. 10880 bytes) starts like a pickle
+    if 2 <= n <= min(_MAX_HEADER, size - 8):
+        with open(path, "rb") as fh:
+            fh.seek(8)
+            if fh.read(1) == b"{":
+                return "safetensors"
     if head[:2] == b"PK":
         return "zip"
     if head[:1] == b"\x80":
         return "pickle"
     if len(head) == 8:
-        (n,) = struct.unpack("<Q", head)
-        if 2 <= n <= min(_MAX_HEADER, size - 8):
-            with open(path, "rb") as fh:
-                fh.seek(8)
-                if fh.read(1) == b"{":
-                    return "safetensors"
         if path.suffix.lower() in (".safetensors", ".sft"):
             raise VaeLoadError(path, f"a safetensors header of {n} bytes in a file of {size} bytes (truncated or "
                                "not safetensors)", "a complete safetensors file")
@@ -101,24 +111,52 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
                            "a complete safetensors file") from exc
 
 
+def _check_zip(path: Path) -> None:
+    """Refuse a zip that torch never writes before anything is inflated: compressed members, too many members,
+    or members whose stated sizes add up to more than the archive (a stored member's size is its size on disk)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_ZIP_MEMBERS:
+                raise VaeLoadError(path, f"a zip archive with {len(infos)} members", f"a torch checkpoint (at most "
+                                   f"{MAX_ZIP_MEMBERS} members)")
+            packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                i = packed[0]
+                raise VaeLoadError(path, f"{len(packed)} compressed zip member(s), e.g. {i.filename!r} (method "
+                                   f"{i.compress_type}, {i.compress_size} bytes inflating to {i.file_size}); refused "
+                                   "uninflated", "a torch checkpoint (torch.save stores members uncompressed)")
+            total = sum(i.file_size for i in infos)
+            if total > size:
+                raise VaeLoadError(path, f"zip members stating {total} bytes in an archive of {size} bytes",
+                                   "stored (uncompressed) members no larger than the archive")
+            bad = zf.testzip()
+    except zipfile.BadZipFile as exc:
+        raise VaeLoadError(path, f"a damaged zip archive ({exc})", "a complete torch checkpoint") from exc
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        if isinstance(exc, VaeLoadError):
+            raise
+        raise VaeLoadError(path, f"an unreadable zip archive ({type(exc).__name__}: {exc})",
+                           "a complete torch checkpoint") from exc
+    if bad is not None:
+        raise VaeLoadError(path, f"a damaged zip member {bad!r}", "a complete torch checkpoint")
+
+
 def _read_pickle(path: Path, kind: str) -> dict:
     if kind == "zip":
-        try:
-            with zipfile.ZipFile(path) as zf:
-                bad = zf.testzip()
-        except zipfile.BadZipFile as exc:
-            raise VaeLoadError(path, f"a damaged zip archive ({exc})", "a complete torch checkpoint") from exc
-        if bad is not None:
-            raise VaeLoadError(path, f"a damaged zip member {bad!r}", "a complete torch checkpoint")
+        _check_zip(path)
     try:
         # torch.serialization.load, not torch.load: A1111 replaces torch.load with a wrapper that returns None on
         # files its own unpickler rejects; weights_only=True is at least as strict.
-        obj = torch.serialization.load(str(path), map_location="cpu", weights_only=True)
+        # an open file, not a name: recent torch hands names ending in .safetensors to safetensors itself
+        with open(path, "rb") as fh:
+            obj = torch.serialization.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise VaeLoadError(path, f"a pickle that asks to run code or load non-tensor objects, refused unrun "
                            f"({_offending_global(exc)})", "a pickle of tensors only (read with weights_only=True; "
                            "convert trusted files to .safetensors)") from exc
-    except (EOFError, RuntimeError, ValueError, OSError, struct.error) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch raises many types here (RuntimeError, EOFError, KeyError, ...)
         raise VaeLoadError(path, f"an unreadable pickle ({type(exc).__name__}: {exc})",
                            "a complete torch checkpoint") from exc
     if not isinstance(obj, dict):
@@ -142,11 +180,54 @@ def _flatten(obj: dict, path: Path) -> dict[str, torch.Tensor]:
         if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
             obj = inner
             break
-    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if isinstance(k, str) and isinstance(v, torch.Tensor):
+            sd[k] = v
+        elif isinstance(k, str) and _is_vae_key(k):
+            raise VaeLoadError(path, f"a {type(v).__name__} under the weight key {k!r}", "a tensor for every VAE key")
+    check_tensor_kinds(sd, path)
     if not sd:
         raise VaeLoadError(path, f"no tensors (top-level keys: {sorted(map(str, obj))[:8]})", "a state dict of "
                            "VAE weights")
     return sd
+
+
+#: Largest tensor accepted (elements): SD's biggest VAE weight has 2.4 M; 2**31 leaves room for anything real.
+MAX_TENSOR_ELEMENTS = 2**31
+
+
+def check_tensor_kinds(sd: dict[str, torch.Tensor], path: object) -> None:
+    """Refuse tensors no VAE file holds, before any conversion touches them: meta, sparse, nested or quantized
+    tensors, more than :data:`MAX_TENSOR_ELEMENTS` elements, or views whose storage is smaller than their elements
+    (stride-0 "expanded" tensors that would inflate on the first copy).
+
+    Raises:
+        VaeLoadError: naming up to three offending keys and their kind.
+    """
+    odd = []
+    for k, v in sd.items():
+        if v.is_meta or v.layout != torch.strided or v.is_nested or v.is_quantized:
+            kind = ("meta" if v.is_meta else "nested" if v.is_nested else str(v.layout) if v.layout != torch.strided
+                    else "quantized")
+            odd.append(f"{k} ({kind})")
+        elif v.numel() > MAX_TENSOR_ELEMENTS:
+            odd.append(f"{k} ({v.numel()} elements)")
+        elif v.numel() and v.untyped_storage().nbytes() < v.numel() * v.element_size():
+            odd.append(f"{k} (overlapping elements: {v.numel()} elements in a storage of "
+                       f"{v.untyped_storage().nbytes()} bytes)")
+        if len(odd) >= 3:
+            break
+    if odd:
+        raise VaeLoadError(path, f"unsupported tensors {odd}", "dense (strided) tensors with real storage, each "
+                           "element stored once")
+
+
+def _is_vae_key(key: str) -> bool:
+    for prefix in ("", "first_stage_model.", "vae."):
+        if key.startswith(prefix) and key[len(prefix):].startswith(_VAE_ROOTS):
+            return True
+    return False
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
@@ -154,7 +235,58 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str
     if kind == "safetensors":
         sd, meta = _read_safetensors(path)
         return sd, meta, "safetensors"
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        log.warning("%s: named %s but holds a %s, read as a weights-only pickle", path, path.suffix, kind)
+        try:
+            return _flatten(_read_pickle(path, kind), path), {}, "pickle"
+        except VaeLoadError as exc:
+            raise VaeLoadError(path, f"a {'zip archive' if kind == 'zip' else 'pickle'} named {path.suffix}, not a "
+                               f"safetensors file ({exc.found})", "a safetensors file") from exc
     return _flatten(_read_pickle(path, kind), path), {}, "pickle"
+
+
+def _depth(obj: object) -> int:
+    """Nesting depth of decoded JSON, iteratively (no recursion of our own)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_JSON_DEPTH:
+                return d
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Read a small JSON object (``config.json``, a shard index) with bounded size and nesting.
+
+    Raises:
+        VaeLoadError: larger than :data:`MAX_JSON_BYTES`, unreadable, invalid, nested deeper than
+            :data:`MAX_JSON_DEPTH`, or not a JSON object.
+    """
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise VaeLoadError(path, f"a {what} of {size} bytes, refused unread", f"at most {MAX_JSON_BYTES} bytes")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise VaeLoadError(path, f"a {what} longer than {MAX_JSON_BYTES} bytes", f"at most {MAX_JSON_BYTES} bytes")
+        obj = json.loads(data.decode("utf-8"))
+    except VaeLoadError:
+        raise
+    except RecursionError as exc:
+        raise VaeLoadError(path, f"a {what} nested too deeply to parse", f"JSON nested at most {MAX_JSON_DEPTH} "
+                           "levels") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise VaeLoadError(path, f"invalid JSON in a {what} ({exc})", f"a diffusers {what}") from exc
+    depth = _depth(obj)
+    if depth > MAX_JSON_DEPTH:
+        raise VaeLoadError(path, f"a {what} nested {depth}+ levels deep", f"JSON nested at most {MAX_JSON_DEPTH} levels")
+    if not isinstance(obj, dict):
+        raise VaeLoadError(path, f"a JSON {type(obj).__name__}", f"a JSON object ({what})")
+    return obj
 
 
 def find_diffusers_folder(path: Path) -> Optional[Path]:
@@ -175,12 +307,7 @@ def _read_folder(path: Path) -> RawWeights:
         raise VaeLoadError(path, f"a folder without diffusers VAE weights (contains {present})",
                            "config.json with diffusion_pytorch_model[.fp16].safetensors|.bin, or a vae/ subfolder "
                            "holding them")
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VaeLoadError(folder / "config.json", f"invalid JSON ({exc})", "a diffusers config.json") from exc
-    if not isinstance(config, dict):
-        raise VaeLoadError(folder / "config.json", f"a JSON {type(config).__name__}", "a JSON object")
+    config = read_json(folder / "config.json", "config.json")
     for name in DIFFUSERS_NAMES:
         index = folder / (name + ".index.json")
         if index.is_file():
@@ -191,17 +318,61 @@ def _read_folder(path: Path) -> RawWeights:
     raise VaeLoadError(folder, "config.json but no weights file", f"one of {list(DIFFUSERS_NAMES)}")
 
 
+def _plain_name(name: object) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name and ":" not in name and not os.path.isabs(name))
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The validated ``weight_map`` of a shard index: tensor name → plain shard file name inside its folder.
+
+    Raises:
+        VaeLoadError: unreadable/oversized JSON, no ``weight_map`` object, non-string names, a shard name with a
+            path separator, ``..`` or an absolute path, or more than :data:`MAX_SHARDS` shards.
+    """
+    doc = read_json(index, "shard index")
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise VaeLoadError(index, f"'weight_map' is {type(weight_map).__name__ if weight_map is not None else 'missing'}"
+                           f"{' (empty)' if weight_map == {} else ''}", "a non-empty JSON object tensor name -> shard "
+                           "file name")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise VaeLoadError(index, f"weight_map[{key!r}] is a {type(shard).__name__}", "a shard file name (string)")
+        if not _plain_name(shard):
+            raise VaeLoadError(index, f"weight_map[{key!r}] names the shard {shard!r}", "a plain file name inside the "
+                               "index's folder (no path separators, '..' or absolute paths)")
+    n = len(set(weight_map.values()))
+    if n > MAX_SHARDS:
+        raise VaeLoadError(index, f"{n} shards", f"at most {MAX_SHARDS}")
+    return weight_map
+
+
 def _read_shards(path: Path, folder: Path, index: Path, config: dict) -> RawWeights:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise VaeLoadError(index, f"an unreadable shard index ({exc})", "a JSON object with 'weight_map'") from exc
+    weight_map = read_index(index)
     sd: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         if not (folder / shard).is_file():
-            raise VaeLoadError(folder / shard, "a missing shard named in the index", "every shard the index names")
-        sd.update(_read_file(folder / shard)[0])
+            raise VaeLoadError(folder / shard, f"a missing shard named in the index {index.name}", "every shard the "
+                               "index names")
+        part = _read_file(folder / shard)[0]
+        for key in part:
+            if key in where:
+                raise VaeLoadError(folder / shard, f"tensor {key!r}, also in shard {where[key]!r}", "each tensor in "
+                                   "exactly one shard")
+            named = weight_map.get(key)
+            if named != shard:
+                raise VaeLoadError(folder / shard, f"tensor {key!r}, which the index {index.name} "
+                                   + (f"places in {named!r}" if named else "does not name"),
+                                   "shards holding exactly the tensors the index names for them")
+            where[key] = shard
+        sd.update(part)
+    absent = sorted(set(weight_map) - set(sd))
+    if absent:
+        raise VaeLoadError(index, f"{len(absent)} tensors named in the index but absent from their shards, e.g. "
+                           f"{absent[0]!r} in {weight_map[absent[0]]!r}", "every tensor the index names in its shard")
     return RawWeights(sd, "diffusers-folder", path, folder / shards[0], {}, config)
 
 

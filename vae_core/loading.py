@@ -3,30 +3,50 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from .atomic import atomic_write, same_file
 from .convert import diffusers_config, infer_config, ldm_to_diffusers, to_ldm
-from .errors import VaeLoadError
-from .families import resolve_family
-from .formats import RawWeights, read_weights
+from .errors import VaeInputError, VaeLoadError
+from .families import check_factor, resolve_family
+from .formats import DIFFUSERS_NAMES, RawWeights, check_tensor_kinds, read_index, read_weights
 from .model import AutoencoderKL, ModelConfig, count_parameters
-from .precision import DTYPES
+from .precision import parse_dtype
 from .vae import Vae, VaeInfo
 
-__all__ = ["load_vae", "save_vae", "ldm_state_dict_from_file", "vae_from_state_dict"]
+__all__ = ["load_vae", "save_vae", "ldm_state_dict_from_file", "vae_from_state_dict", "parse_dtype", "check_tensors"]
 
 log = logging.getLogger(__name__)
-def parse_dtype(value: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    """``"fp16"|"bf16"|"fp32"`` (or a torch dtype) → torch dtype; None stays None."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"dtype {value!r}: unknown; expected one of fp16, bf16, fp32")
-    return DTYPES[value]
+
+def check_tensors(sd: dict[str, torch.Tensor], path: object) -> None:
+    """Refuse weights that would load wrong or blow up later, naming the tensors (first few).
+
+    Checks, cheapest first: tensor kinds (:func:`~vae_core.formats.check_tensor_kinds`: no meta, sparse, nested,
+    quantized or overlapping tensors), no zero-sized tensors, floating-point dtypes, and finite values
+    (``torch.isfinite(t).all()`` per tensor).
+
+    Raises:
+        VaeLoadError: naming up to three offending tensors and what was wrong with them.
+    """
+    def fail(found: str, keys: list[str], expected: str) -> None:
+        raise VaeLoadError(path, f"{found} in {len(keys)} tensor(s): {keys[:3]}", expected)
+
+    check_tensor_kinds(sd, path)
+    empty = [f"{k} {tuple(v.shape)}" for k, v in sd.items() if v.numel() == 0]
+    if empty:
+        fail("zero-sized tensors", empty, "non-empty weights")
+    non_float = [f"{k} ({v.dtype})" for k, v in sd.items() if not v.is_floating_point()]
+    if non_float:
+        fail("non-float tensors", non_float, "floating-point weights")
+    bad = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        fail("NaN/inf values", bad, "finite weights (the file is corrupt or was saved from a diverged model)")
 
 
 def _check_config(raw: RawWeights) -> Optional[int]:
@@ -41,7 +61,7 @@ def _check_config(raw: RawWeights) -> Optional[int]:
     if cfg.get("mid_block_add_attention", True) is False:
         raise VaeLoadError(where, "mid_block_add_attention false", "a mid block with attention (SD-family VAE)")
     groups = cfg.get("norm_num_groups")
-    return int(groups) if isinstance(groups, int) and groups > 0 else None
+    return groups if isinstance(groups, int) and not isinstance(groups, bool) and 0 < groups <= 1024 else None
 
 
 def ldm_state_dict_from_file(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], RawWeights, str, str]:
@@ -71,21 +91,21 @@ def _build(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: object) -> Autoe
     if bad:
         raise VaeLoadError(path, f"{len(bad)} shape mismatches ({'; '.join(bad[:3])})",
                            "tensor shapes consistent with the inferred config")
-    non_float = [k for k, v in sd.items() if not v.is_floating_point()]
-    if non_float:
-        raise VaeLoadError(path, f"non-float tensors {non_float[:3]}", "floating-point weights")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
 def _assemble(sd: dict[str, torch.Tensor], *, where: object, path: object, container: str, layout: str,
               prefix: str, all_keys, norm_groups: Optional[int], config: Optional[dict],
-              metadata: Optional[dict], weights_file: str, family_kw: dict) -> Vae:
-    cfg = infer_config(sd, where, norm_groups)
-    model = _build(sd, cfg, where)
+              metadata: Optional[dict], weights_file: str, family_kw: dict,
+              config_path: Optional[Path] = None) -> Vae:
+    check_tensors(sd, where)
+    cfg = infer_config(sd, where, norm_groups)  # bounds levels/blocks before anything is built
     fam, scale, shift, sources = resolve_family(
         cfg.latent_channels, config=config, metadata=metadata, checkpoint_keys=all_keys if prefix else (),
-        path=Path(path) if isinstance(path, (str, os.PathLike)) else None, **family_kw)
+        path=Path(path) if isinstance(path, (str, os.PathLike)) else None, config_path=config_path,
+        metadata_path=Path(weights_file) if weights_file else None, **family_kw)
+    model = _build(sd, cfg, where)
     stored = {str(v.dtype).replace("torch.", "") for v in sd.values()}
     info = VaeInfo(path=str(path), container=container, layout=layout, prefix=prefix, family=fam,
                    latent_channels=cfg.latent_channels, scaling_factor=scale, shift_factor=shift,
@@ -101,6 +121,7 @@ def vae_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "<state dict
                         shift_factor: Optional[float] = None) -> Vae:
     """Build a float32 :class:`Vae` (on the tensors' device) from an in-memory LDM- or diffusers-keyed state dict,
     bare or prefixed, e.g. the weights of a VAE a host already holds."""
+    check_tensor_kinds(sd, name)
     vae_sd, layout = to_ldm(sd, name)
     return _assemble(vae_sd, where=name, path=name, container="state dict", layout=layout.layout,
                      prefix=layout.prefix, all_keys=sd.keys(), norm_groups=norm_groups, config=None, metadata=None,
@@ -127,38 +148,100 @@ def load_vae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
     vae = _assemble(sd, where=raw.weights_file, path=path, container=raw.container, layout=layout, prefix=prefix,
                     all_keys=raw.state_dict.keys(), norm_groups=_check_config(raw), config=raw.config,
                     metadata=raw.metadata, weights_file=str(raw.weights_file),
-                    family_kw=dict(family=family, scaling_factor=scaling_factor, shift_factor=shift_factor))
+                    family_kw=dict(family=family, scaling_factor=scaling_factor, shift_factor=shift_factor),
+                    config_path=raw.weights_file.parent / "config.json" if raw.config is not None else None)
     return vae.to(device=device, dtype=dtype)
+
+
+_SHARD_NAME = re.compile(r"^diffusion_pytorch_model(\.fp16)?-\d{5}-of-\d{5}\.(safetensors|bin)$")
+
+
+def _refuse_own_input(vae: Vae, targets: list[Path], folder: Optional[Path]) -> None:
+    """Raise VaeInputError when a file about to be written (or the folder written into) is what ``vae`` was read
+    from (through symlinks and hardlinks too)."""
+    info = vae.info
+    sources = [Path(p) for p in (info.weights_file, info.path) if p and not str(p).startswith("<")]
+    for src in sources:
+        for out in targets + ([folder] if folder is not None else []):
+            if same_file(out, src):
+                raise VaeInputError(f"{out}: this is the file/folder the VAE was loaded from ({src}); expected an "
+                                    "output path other than the input (writing it would destroy the input)")
+    if folder is not None and info.container == "diffusers-folder" and info.weights_file:
+        if same_file(folder, Path(info.weights_file).parent):
+            raise VaeInputError(f"{folder}: the diffusers folder the VAE was loaded from ({info.weights_file}); "
+                                "expected another output folder")
+
+
+def _remove_stale_weights(folder: Path, written: Path) -> None:
+    """After ``written`` is in place, delete shard indexes in ``folder`` (which the loader reads before a single
+    file) and the diffusers-named shards they list; warn about other weight variants left in place."""
+    for name in DIFFUSERS_NAMES:
+        index = folder / (name + ".index.json")
+        if not index.is_file():
+            continue
+        try:
+            shards = set(read_index(index).values())
+        except VaeLoadError as exc:
+            log.warning("removing unreadable stale shard index %s (%s); its shards are left alone", index, exc)
+            shards = set()
+        index.unlink()
+        removed = []
+        for shard in sorted(shards):
+            cand = folder / shard
+            if _SHARD_NAME.match(shard) and cand.is_file() and not same_file(cand, written):
+                cand.unlink()
+                removed.append(shard)
+        log.info("%s: removed the stale shard index %s and %d shards it named", folder, index.name, len(removed))
+    others = [n for n in DIFFUSERS_NAMES if (folder / n).is_file() and not same_file(folder / n, written)]
+    if others:
+        log.warning("%s: other weight variants from before are left in place: %s (the loader reads %s first)",
+                    folder, others, written.name)
 
 
 def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
              dtype: Union[str, torch.dtype, None] = None) -> Path:
     """Write ``vae`` as a ``.safetensors`` file (``layout="ldm"`` or ``"diffusers"`` keys) or, when ``path`` has
-    no ``.safetensors`` suffix and ``layout="diffusers"``, as a diffusers folder (config.json + weights).
+    no ``.safetensors``/``.sft`` suffix and ``layout="diffusers"``, as a diffusers folder (config.json + weights).
 
+    Every file is written atomically (temp file in the same folder, fsync, ``os.replace``; an existing file keeps
+    its permission bits; on failure nothing changes). Into an existing diffusers folder, a stale shard index and the
+    shards it names are removed afterwards, so the folder loads the new weights.
+
+    Args:
+        dtype: ``"fp16"``/``"bf16"``/``"fp32"`` or a floating torch dtype to cast to; None keeps the model's dtype.
     Returns:
         the path written. Scaling/shift factors and the family go into safetensors metadata (and config.json).
+    Raises:
+        VaeInputError (a ValueError): unknown layout/dtype, non-finite or non-positive scaling factor, non-finite
+            shift factor, or a target that is the file/folder the VAE was loaded from.
     """
     from safetensors.torch import save_file
 
     if layout not in ("ldm", "diffusers"):
-        raise ValueError(f"layout={layout!r}: expected 'ldm' or 'diffusers'")
-    target = parse_dtype(dtype)
+        raise VaeInputError(f"layout={layout!r}: unknown; expected 'ldm' or 'diffusers'")
+    target = parse_dtype(dtype, allow_auto=False)
+    info = vae.info
+    scale = check_factor(info.scaling_factor, "scaling_factor", "vae.info.scaling_factor", positive=True)
+    shift = check_factor(info.shift_factor, "shift_factor", "vae.info.shift_factor", positive=False)
+    out = Path(path)
+    as_folder = layout == "diffusers" and out.suffix.lower() not in (".safetensors", ".sft")
+    weights = out / "diffusion_pytorch_model.safetensors" if as_folder else out
+    _refuse_own_input(vae, [weights] + ([out / "config.json"] if as_folder else []), out if as_folder else None)
+
     sd = {k: (v.to(target) if target else v).detach().to("cpu").contiguous() for k, v in vae.model.state_dict().items()}
     if layout == "diffusers":
         sd = {k: v.contiguous() for k, v in ldm_to_diffusers(sd).items()}
-    info = vae.info
-    meta = {"format": "pt", "vae_layout": layout, "family": info.family, "scaling_factor": repr(info.scaling_factor),
+    meta = {"format": "pt", "vae_layout": layout, "family": info.family, "scaling_factor": repr(scale),
             "latent_channels": str(info.latent_channels)}
-    if info.shift_factor is not None:
-        meta["shift_factor"] = repr(info.shift_factor)
-    out = Path(path)
-    if layout == "diffusers" and out.suffix.lower() not in (".safetensors", ".sft"):
+    if shift is not None:
+        meta["shift_factor"] = repr(shift)
+    if as_folder:
+        cfg_text = json.dumps(diffusers_config(vae.model.config, scale, shift), indent=2, allow_nan=False)
         out.mkdir(parents=True, exist_ok=True)
-        cfg = diffusers_config(vae.model.config, info.scaling_factor, info.shift_factor)
-        (out / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-        save_file(sd, str(out / "diffusion_pytorch_model.safetensors"), metadata=meta)
+        atomic_write(weights, lambda tmp: save_file(sd, str(tmp), metadata=meta))
+        atomic_write(out / "config.json", lambda tmp: tmp.write_text(cfg_text, encoding="utf-8"))
+        _remove_stale_weights(out, weights)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out), metadata=meta)
+    atomic_write(out, lambda tmp: save_file(sd, str(tmp), metadata=meta))
     return out

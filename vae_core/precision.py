@@ -17,16 +17,17 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from .errors import NonFiniteOutputError
+from .errors import NonFiniteOutputError, VaeInputError
 from .model import AttnBlock, AutoencoderKL, Downsample, GroupNorm, ResnetBlock, Upsample
 
 __all__ = ["Segment", "stream_segments", "rescale_stream", "measure_peaks", "choose_scales", "fp16_fix_model",
-           "calibration_image", "bf16_supported", "resolve_dtype", "guarded", "GuardState", "FIX_TARGET"]
+           "calibration_image", "bf16_supported", "parse_dtype", "resolve_dtype", "guarded", "GuardState", "FIX_TARGET",
+           "DTYPES", "DTYPE_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -218,18 +219,56 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-                                  "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+                                  "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                                  "half": torch.float16, "float": torch.float32}
+#: Every dtype string the pack accepts (the one vocabulary of load_vae, save_vae, Vae.to, the CLI and the hosts).
+DTYPE_NAMES: tuple[str, ...] = tuple(DTYPES) + ("auto",)
+_ACCEPTED = "'fp16', 'bf16', 'fp32' (or 'float16', 'bfloat16', 'float32', 'half', 'float'), 'auto' or a floating torch.dtype"
 
 
-def resolve_dtype(policy: str | torch.dtype, device: torch.device) -> tuple[torch.dtype, bool]:
-    """``"auto"``: bf16 where supported, else fp16 with the fix on CUDA, else fp32; ``"fp16"``/``"bf16"``/``"fp32"``
-    or a torch dtype as given. Returns ``(dtype, apply_fp16_fix)`` (the fix is automatic only under "auto")."""
-    if isinstance(policy, torch.dtype):
-        return policy, False
-    if policy in DTYPES:
-        return DTYPES[policy], False
-    if policy != "auto":
-        raise ValueError(f"precision {policy!r}: expected 'auto', 'fp16', 'bf16' or 'fp32'")
+def parse_dtype(value: Union[str, torch.dtype, None], *, allow_auto: bool = True) -> Union[torch.dtype, str, None]:
+    """The pack's one dtype parser.
+
+    Args:
+        value: a floating torch dtype, one of :data:`DTYPE_NAMES` (``"fp16"``, ``"bf16"``, ``"fp32"``, their
+            ``torch`` spellings, ``"auto"``), or None.
+        allow_auto: whether ``"auto"`` is meaningful to the caller (not for writing files).
+    Returns:
+        the torch dtype; the string ``"auto"`` (resolve it with :func:`resolve_dtype`); None for None.
+    Raises:
+        VaeInputError (a ValueError): anything else, naming the value and the accepted set.
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        if not value.is_floating_point:
+            raise VaeInputError(f"precision (dtype) {value}: not a floating-point dtype; expected one of {_ACCEPTED}")
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        if key in DTYPES:
+            return DTYPES[key]
+        if key == "auto":
+            if allow_auto:
+                return "auto"
+            raise VaeInputError(f"precision (dtype) {value!r}: 'auto' is not allowed here; expected 'fp16', 'bf16', 'fp32' or a "
+                                "floating torch.dtype")
+    raise VaeInputError(f"precision (dtype) {value!r}: unknown; expected one of {_ACCEPTED}")
+
+
+def resolve_dtype(policy: Union[str, torch.dtype], device: torch.device) -> tuple[torch.dtype, bool]:
+    """``"auto"``: bf16 where supported, else fp16 with the fix on CUDA, else fp32; any other :func:`parse_dtype`
+    value as given. Returns ``(dtype, apply_fp16_fix)`` (the fix is automatic only under "auto").
+
+    Raises:
+        VaeInputError (a ValueError): ``policy`` is not a dtype :func:`parse_dtype` accepts (None included).
+    """
+    parsed = parse_dtype(policy)
+    if parsed is None:
+        raise VaeInputError(f"precision (dtype) None: expected one of {_ACCEPTED}")
+    if isinstance(parsed, torch.dtype):
+        return parsed, False
     if bf16_supported(device):
         return torch.bfloat16, False
     if device.type == "cuda":

@@ -12,7 +12,7 @@ import torch
 from . import tiling
 from .errors import VaeInputError
 from .model import AutoencoderKL, ModelConfig
-from .precision import GuardState, fp16_fix_model, guarded, resolve_dtype
+from .precision import DTYPE_NAMES, GuardState, fp16_fix_model, guarded, resolve_dtype
 
 __all__ = ["Vae", "VaeInfo"]
 
@@ -80,17 +80,55 @@ class Vae:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def to(self, device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None) -> "Vae":
-        """Move/cast in place and return self. ``dtype``: a torch dtype, ``"fp16"``/``"bf16"``/``"fp32"``, or
-        ``"auto"`` (bf16 where supported, fp16 with the fp16 fix on CUDA without bf16, fp32 on CPU)."""
+    def to(self, *args: Union[str, torch.device, torch.dtype, int, torch.Tensor],
+           device: Union[str, torch.device, int, None] = None,
+           dtype: Union[str, torch.dtype, None] = None) -> "Vae":
+        """Move/cast in place and return self; accepts what ``nn.Module.to`` accepts plus the pack's dtype strings.
+
+        ``vae.to("cuda")``, ``vae.to(torch.float16)``, ``vae.to("cuda", torch.float16)``, ``vae.to("fp16")``,
+        ``vae.to(torch.device("cpu"))``, ``vae.to(tensor)`` (its device and dtype), ``vae.to(device=..., dtype=...)``.
+        A string is a dtype when it is one of :data:`~vae_core.precision.DTYPE_NAMES` (``"fp16"``, ``"bf16"``,
+        ``"fp32"``, ``"float16"``, ..., ``"auto"``: bf16 where supported, fp16 with the fp16 fix on CUDA without
+        bf16, fp32 on CPU) and a device otherwise (``"cpu"``, ``"cuda:0"``).
+
+        The NaN guard's memory (the dtype that worked after a fallback) survives device moves; it is reset only when
+        a dtype different from the current one is asked for.
+
+        Raises:
+            VaeInputError (a ValueError): an argument that is neither a device nor a dtype, or two of one kind.
+        """
+        for arg in args:
+            is_dtype = isinstance(arg, torch.dtype) or (isinstance(arg, str) and arg.strip().lower().removeprefix(
+                "torch.") in DTYPE_NAMES)
+            if isinstance(arg, torch.Tensor):
+                if device is not None or dtype is not None:
+                    raise VaeInputError(f"Vae.to{args}: a tensor together with a device/dtype; expected one of them")
+                device, dtype = arg.device, (arg.dtype if arg.is_floating_point() else None)
+            elif is_dtype:
+                if dtype is not None:
+                    raise VaeInputError(f"Vae.to{args}: two dtypes ({dtype!r}, {arg!r}); expected at most one")
+                dtype = arg  # type: ignore[assignment]
+            elif isinstance(arg, (str, torch.device, int)) and not isinstance(arg, bool):
+                if device is not None:
+                    raise VaeInputError(f"Vae.to{args}: two devices ({device!r}, {arg!r}); expected at most one")
+                device = arg
+            else:
+                raise VaeInputError(f"Vae.to: argument {arg!r} ({type(arg).__name__}); expected a device ('cpu', "
+                                    f"'cuda:0', torch.device) or a dtype ({', '.join(DTYPE_NAMES)}, torch.dtype)")
         if device is not None:
-            self.model.to(device=torch.device(device))
+            try:
+                dev = torch.device(device)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise VaeInputError(f"Vae.to: device {device!r} is not a device ({exc}); expected e.g. 'cpu', "
+                                    f"'cuda:0', a torch.device, or a dtype among {', '.join(DTYPE_NAMES)}") from exc
+            self.model.to(device=dev)
         if dtype is not None:
             target, needs_fix = resolve_dtype(dtype, self.device)
             if needs_fix and self.info.fp16_fix is None:
                 self._apply_fix(None)
-            self.model.to(dtype=target)
-            self.guard.working_dtype = None
+            if target != self.dtype:
+                self.guard.working_dtype = None  # the user asked for another precision: forget the fallback
+                self.model.to(dtype=target)
         return self
 
     def _apply_fix(self, sample: Optional[torch.Tensor]) -> None:
