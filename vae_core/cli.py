@@ -319,15 +319,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "%(message)s")
     try:
         return int(args.fn(args) or 0)
-    except VaeError as exc:
-        message = str(exc)
-    except OSError as exc:
-        message = describe_oserror(exc.filename if exc.filename is not None else "?", exc,
-                                   "an existing, readable file or folder")
-    except ValueError as exc:
-        message = str(exc)
-    if args.verbose:
-        traceback.print_exc()
+    except (VaeError, OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, VaeError):
+            message = describe_oserror(exc.filename if exc.filename is not None else "?", exc,
+                                       "an existing, readable file or folder")
+        else:
+            message = str(exc)
+        if args.verbose:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
     print(f"error: {message}", file=sys.stderr)
     return 2
 
