@@ -77,11 +77,12 @@ def _add_run_args(p: argparse.ArgumentParser, vae_required: bool = False) -> Non
     p.add_argument("--family", type=_family, default=None, help=f"override the detected family ({', '.join(FAMILIES)})")
 
 
-def _bundled(name: str, what: str, expected: str) -> Path:
+def _bundled(name: str, what: str, label: str, expected: str) -> Path:
+    """The bundled fixture ``name``, or a clear error when the install left ``tests/`` out."""
     path = images.bundled_fixture(name)
     if not path.is_file():
-        raise VaeInputError(f"no {what} given and the bundled {'test VAE' if name.endswith('.safetensors') else 'sample photo'} "
-                            f"{path} is not installed (registry installs leave tests/ out); expected {expected}")
+        raise VaeInputError(f"no {what} given and the bundled {label} {path} is not installed (registry installs "
+                            f"leave tests/ out); expected {expected}")
     return path
 
 
@@ -89,7 +90,7 @@ def _vae_path(args: argparse.Namespace) -> Path:
     """``--vae``, or the bundled test VAE (said on stdout); a clear error when neither exists."""
     if args.vae is not None:
         return Path(args.vae)
-    path = _bundled("mini-vae-ldm.safetensors", "--vae", "--vae PATH")
+    path = _bundled("mini-vae-ldm.safetensors", "--vae", "test VAE", "--vae PATH")
     print(f"no --vae given: using the bundled test VAE {path}")
     return path
 
@@ -244,7 +245,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     vae_path = _vae_path(args)
     image = args.image
     if image is None:
-        image = _bundled("sample.png", "image", "an IMG argument")
+        image = _bundled("sample.png", "image", "sample photo", "an IMG argument")
         print(f"no image given: using the bundled sample photo {image}")
     image = Path(image)
     _check_output(out, [image, vae_path])
