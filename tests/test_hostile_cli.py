@@ -104,6 +104,7 @@ def _same_file_cases(w):
         "convert via symlink": ["convert", w / "link.safetensors", w / "vae.safetensors"],
         "convert via hardlink": ["convert", w / "vae.safetensors", w / "hard.safetensors"],
         "convert folder folder": ["convert", w / "dfolder", w / "dfolder", "--layout", "diffusers"],
+        "convert folder folder (ldm)": ["convert", w / "dfolder", w / "dfolder"],
         "convert folder onto its weights": ["convert", w / "dfolder",
                                             w / "dfolder" / "diffusion_pytorch_model.safetensors"],
         "convert file into folder holding it": ["convert", w / "dfolder" / "diffusion_pytorch_model.safetensors",
@@ -114,7 +115,7 @@ def _same_file_cases(w):
 CASES = ["encode onto its image", "encode onto its image via symlink", "roundtrip onto its image",
          "decode onto its latent", "encode onto --vae", "encode onto --vae hardlink",
          "decode onto --vae weights in folder", "convert X X", "convert via symlink", "convert via hardlink",
-         "convert folder folder", "convert folder onto its weights", "convert file into folder holding it"]
+         "convert folder folder", "convert folder folder (ldm)", "convert folder onto its weights", "convert file into folder holding it"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -175,7 +176,8 @@ def test_disk_full_on_latent_write_leaves_nothing(work, capsys, monkeypatch):
     import safetensors.torch
 
     (work / "out.safetensors").write_bytes(b"previous result")
-    monkeypatch.setattr(safetensors.torch, "save_file", lambda t, path, metadata=None: _disk_full_after_some_bytes(path))
+    monkeypatch.setattr(safetensors.torch, "save_file",
+                        lambda t, path, metadata=None: _disk_full_after_some_bytes(path))
     before = snapshot(work)
     rc, _out, err = cli_run(capsys, "encode", work / "photo.png", "-o", work / "out.safetensors",
                             "--vae", work / "vae.safetensors")
@@ -358,7 +360,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_animated_image_uses_first_frame_and_logs(tmp_path, caplog):
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
-    with caplog.at_level(logging.INFO, logger="vae_core.images"):
+    with caplog.at_level(logging.WARNING, logger="vae_core.images"):
         t = images.load_image(tmp_path / "anim.gif")
     assert t[0, 0].mean() > 0.9 and t[0, 2].mean() < -0.9  # red, the first frame
     assert "2 frames" in caplog.text and "first frame" in caplog.text

@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _tile(value: str) -> object:
-    """``--tile``: ``none`` → untiled (None); ``auto`` or ``0`` → ``"auto"`` (as in the hosts); else image px ≥ 64."""
+    """``--tile``: ``none`` → untiled (None); ``auto`` or ``0`` → ``"auto"`` (as in the hosts); else px ≥ 64."""
     if value.lower() == "none":
         return None
     if value.lower() == "auto" or value == "0":
@@ -170,6 +170,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
+    check_not_input(dst, [src])
     if args.layout == "diffusers" and dst.suffix.lower() not in (".safetensors", ".sft"):
         targets = [dst, dst / "config.json", dst / "diffusion_pytorch_model.safetensors"]
         check_writable_target(dst, folder_ok=True)

@@ -82,7 +82,8 @@ def load_image(path: PathLike) -> torch.Tensor:
     * 16-bit greyscale (``I;16``, ``I;16B``, and ``I`` as PIL reads some 16-bit files): 0..65535 → [-1, 1];
       ``I`` values outside [0, 65535] raise.
     * 32-bit float (``F``, e.g. float TIFF): 0..1 → [-1, 1]; values outside [0, 1] (± 1e-3) raise.
-    * The EXIF orientation is applied (portraits come out upright); animated files give their first frame (logged).
+    * The EXIF orientation is applied (portraits come out upright); animated files give their first frame (a
+      WARNING log line says so).
 
     Raises:
         VaeInputError: missing or unreadable file, unsupported mode or value range, or an image above PIL's
@@ -102,7 +103,7 @@ def load_image(path: PathLike) -> torch.Tensor:
                 frames = getattr(im, "n_frames", 1)
                 if frames > 1:
                     im.seek(0)
-                    log.info("%s: animated image with %d frames; using the first frame", path, frames)
+                    log.warning("%s: animated image with %d frames; using the first frame only", path, frames)
                 im.load()
                 upright = ImageOps.exif_transpose(im)
                 arr = _to_signed_rgb(upright, path)
