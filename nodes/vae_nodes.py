@@ -15,6 +15,7 @@ import folder_paths
 
 from ..vae_core import VaeLoadError, load_vae, make_fp16_safe
 from ..vae_core.formats import find_diffusers_folder, is_weight_file
+from ..vae_core.walk import walk_model_dirs
 from .comfy_bridge import engine_for, guard_comfy_vae, progress_and_cancel, run_engine, to_comfy_vae
 
 CATEGORY = "VAE Pack"
@@ -29,19 +30,22 @@ def _vae_dirs() -> list[Path]:
 
 
 def list_vaes() -> list[str]:
-    """Files in the vae folders plus one entry per diffusers folder (not its inner weights file)."""
-    folders: dict[str, Path] = {}
+    """Weight files in the vae folders plus one entry per diffusers folder (not its inner files).
+
+    Walks with :func:`vae_core.walk.walk_model_dirs` (links followed, each real folder once, bounded), so a symlink
+    loop in ``models/vae`` cannot hang the node list. File names are relative to their vae folder, as ComfyUI's
+    ``get_full_path`` resolves them.
+    """
+    names: set[str] = set()
     for base in _vae_dirs():
-        for root, dirs, _files in os.walk(base, followlinks=True):
-            dirs.sort()
-            for d in list(dirs):
-                full = Path(root) / d
-                if find_diffusers_folder(full) is not None:
-                    folders[full.relative_to(base).as_posix()] = full
-    inner = tuple(f"{name}/" for name in folders)
-    files = [f for f in folder_paths.get_filename_list("vae")
-             if is_weight_file(f) and not f.replace(os.sep, "/").startswith(inner)]
-    return sorted(set(files) | set(folders))
+        for root, dirs, files in walk_model_dirs(base):
+            if root != base and find_diffusers_folder(root) is not None:  # a VAE or pipeline folder: one entry
+                names.add(root.relative_to(base).as_posix())
+                dirs[:] = []
+                continue
+            rel = root.relative_to(base)
+            names.update(os.path.join(rel, f) if rel.parts else f for f in files if is_weight_file(f))
+    return sorted(names)
 
 
 def resolve(name: str) -> Path:

@@ -16,6 +16,7 @@ Tensor conventions: images are float ``[B, 3, H, W]`` in [-1, 1]; latents are ra
 from __future__ import annotations
 
 import contextvars
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -23,12 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "AutoencoderKL", "GroupNorm", "NORM_HOOK", "attention"]
+__all__ = ["ModelConfig", "AutoencoderKL", "GroupNorm", "NORM_HOOK", "ATTENTION_HOOK", "attention"]
+
+log = logging.getLogger(__name__)
 
 #: When set to a callable ``hook(module, x) -> Tensor``, every :class:`GroupNorm` delegates to it.
 NORM_HOOK: contextvars.ContextVar[Optional[Callable[["GroupNorm", torch.Tensor], torch.Tensor]]] = (
     contextvars.ContextVar("vae_core_norm_hook", default=None)
 )
+
+#: When set to a callable ``hook(done_chunks, total_chunks)``, :func:`attention` calls it after each query chunk
+#: (``done_chunks`` = 1..total), so a caller can report progress or cancel a long untiled attention by raising from
+#: it (the exception propagates and no further chunk is computed). Unset: no calls.
+ATTENTION_HOOK: contextvars.ContextVar[Optional[Callable[[int, int], object]]] = (
+    contextvars.ContextVar("vae_core_attention_hook", default=None)
+)
+
+#: One attention call estimated above this many FLOPs (``4·B·N²·C``: q kᵀ and the weighted sum of v) is logged at
+#: INFO, since on a CPU it can run for minutes to hours.
+ATTENTION_LOG_FLOPS = 1e12
 
 #: Upper bound, in bytes, of one chunk of attention scores (fp32), per device type. Queries are processed in chunks
 #: so that the score matrix of a large image never materialises whole; the bound keeps peak memory independent of
@@ -113,17 +127,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_bytes: Op
         chunk_bytes: bound on the fp32 score block ``[B, n_chunk, N]`` materialised at once (default: per device).
     Returns:
         ``[B, N, C]``, ``softmax(q kᵀ / √C) v``. Memory beyond q/k/v is O(chunk · N), not O(N²).
+
+    :data:`ATTENTION_HOOK`, when set, is called after every query chunk (``hook(done, total)``; one call when the
+    whole score matrix fits one chunk); an exception raised by it stops the loop. Calls estimated above
+    :data:`ATTENTION_LOG_FLOPS` are logged at INFO with N and the estimate.
     """
-    b, n, _ = q.shape
+    b, n, c = q.shape
     if chunk_bytes is None:
         chunk_bytes = ATTENTION_CHUNK_BYTES.get(q.device.type, ATTENTION_CHUNK_BYTES["cpu"])
     per_query = max(1, b * k.shape[1] * 4)
     step = max(1, min(n, chunk_bytes // per_query))
+    flops = 4.0 * b * n * k.shape[1] * max(c, v.shape[-1])
+    if flops > ATTENTION_LOG_FLOPS:
+        log.info("attention over N=%d tokens (batch %d, %d channels): about %.3g FLOPs in %d query chunks; this "
+                 "can take long on a CPU (tile the call to bound it)", n, b, c, flops, -(-n // step))
+    hook = ATTENTION_HOOK.get()
     if step >= n:
-        return F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v)
+        if hook is not None:
+            hook(1, 1)
+        return out
+    total = -(-n // step)
     out = torch.empty_like(q if v.shape[-1] == q.shape[-1] else q.new_empty(b, n, v.shape[-1]))
-    for start in range(0, n, step):
+    for i, start in enumerate(range(0, n, step)):
         out[:, start : start + step] = F.scaled_dot_product_attention(q[:, start : start + step], k, v)
+        if hook is not None:
+            hook(i + 1, total)
     return out
 
 

@@ -14,9 +14,14 @@ from .errors import VaeInputError
 from .model import AutoencoderKL, ModelConfig
 from .precision import DTYPE_NAMES, GuardState, fp16_fix_model, guarded, resolve_dtype
 
-__all__ = ["Vae", "VaeInfo"]
+__all__ = ["Vae", "VaeInfo", "ENCODE_RANGE_LIMIT"]
 
 log = logging.getLogger(__name__)
+
+#: ``Vae.encode`` refuses images with any value above this or below its negative: pixels in [0, 255] (or 0..1
+#: images shifted wrongly beyond it) are a caller bug that silently gives garbage latents. The margin beyond [-1, 1]
+#: keeps legitimate slight overshoot (bicubic/Lanczos resampling, sharpening) working.
+ENCODE_RANGE_LIMIT = 2.0
 
 
 @dataclass
@@ -188,8 +193,18 @@ class Vae:
                progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,
                cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] (H, W ≥ 8; not multiples of 8 are floored like the reference) →
-        raw posterior means ``[B, C, H//8, W//8]`` float32."""
+        raw posterior means ``[B, C, H//8, W//8]`` float32.
+
+        Raises:
+            VaeInputError: wrong shape/dtype, NaN/inf, or values beyond ±:data:`ENCODE_RANGE_LIMIT` (e.g. 0..255
+                pixels; slight overshoot past [-1, 1] from resampling is accepted as is).
+        """
         x = self._check(x, "encode input", self.model.config.in_channels, self.model.config.downscale)
+        lo, hi = float(x.min()), float(x.max())
+        if hi > ENCODE_RANGE_LIMIT or lo < -ENCODE_RANGE_LIMIT:
+            raise VaeInputError(f"encode input: values in [{lo:.4g}, {hi:.4g}]; expected images in [-1, 1] (values "
+                                f"beyond ±{ENCODE_RANGE_LIMIT:g} are refused: 0..255 pixels must be divided by 127.5 "
+                                "and shifted by -1 first)")
         opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
                                   report=report)
         return self._call("encode", x, tiling.encode, opts)

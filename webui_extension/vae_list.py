@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from vae_core.formats import DIFFUSERS_NAMES, find_diffusers_folder
 from vae_core.loading import ldm_state_dict_from_file
+from vae_core.walk import walk_model_dirs
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,12 @@ def extra_entries(sd_vae: ModuleType) -> list[tuple[str, str]]:
     """(name, path) of what A1111 does not list itself: diffusers folders and other weight suffixes."""
     out: list[tuple[str, str]] = []
     for base in _vae_dirs(sd_vae):
-        for root, dirs, files in os.walk(base, followlinks=True):
-            dirs.sort()
-            here = Path(root)
+        for here, dirs, files in walk_model_dirs(base):  # links followed, loops and depth bounded
             if find_diffusers_folder(here) == here and here != base:
                 out.append((here.name, str(_weights_file(here))))
                 dirs[:] = []
                 continue
-            out += [(f, str(here / f)) for f in sorted(files) if f.lower().endswith(EXTRA_SUFFIXES)]
+            out += [(f, str(here / f)) for f in files if f.lower().endswith(EXTRA_SUFFIXES)]
     return out
 
 
