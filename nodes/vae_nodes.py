@@ -21,8 +21,8 @@ from .comfy_bridge import engine_for, guard_comfy_vae, progress_and_cancel, run_
 CATEGORY = "VAE Pack"
 _TILE = ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
                  "tooltip": "Tile edge in image pixels; 0 = auto (untiled when it fits in free memory)."})
-_MODE = (["exact", "fast"], {"default": "exact", "tooltip": "exact: identical to untiled (several passes over the "
-                             "tiles for exact GroupNorm statistics). fast: one pass, approximate colours."})
+_MODE = (["exact", "fast"], {"default": "exact", "tooltip": "exact: identical to untiled, about the untiled cost "
+                             "(uses a cache in RAM). fast: no cache, approximate colours (for previews)."})
 
 
 def _vae_dirs() -> list[Path]:

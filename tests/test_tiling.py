@@ -26,37 +26,44 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_exact_decode_fidelity_on_trained_fixture(mini_vae, photo_and_latent):
-    """512 px photo, 128 px tiles (16 tiles, like 1024/256): at float32 rounding of untiled output (≥ 130 dB; the
-    floor of this input is ~140 dB), and no further from a float64 run than the untiled float32 output is."""
+    """256 px of the photo, 64 px tiles (16 tiles, like 1024/256): at float32 rounding of untiled output (≥ 130 dB;
+    the floor of this input is ~140 dB), and no further from a float64 run than the untiled float32 output is."""
     _, z = photo_and_latent
+    z = z[..., 16:48, 8:40]
     ref = mini_vae.decode(z)
     report = tiling.TileReport()
-    exact = mini_vae.decode(z, tile=128, report=report)
+    exact = mini_vae.decode(z, tile=64, report=report)
     assert psnr(ref, exact) >= 130.0
     with torch.no_grad():
         truth = copy.deepcopy(mini_vae.model).double().decode(z.double())
     assert _rms(exact, truth) <= 1.25 * _rms(ref, truth)
     assert report.tiles == 16 and report.recomputed_runs == 0
-    # the approximate mode really is different: per-proxy statistics shift colours like other tilers do
-    fast = mini_vae.decode(z, tile=128, mode="fast")
-    assert 15.0 < psnr(ref, fast) < 50.0
     assert torch.isfinite(exact).all()
 
 
+def test_fast_mode_is_approximate_on_the_whole_photo(mini_vae, photo_and_latent):
+    """The approximate mode really is different (its proxy, 256² by default, is smaller than the 512² photo):
+    per-proxy statistics shift colours like other tilers do."""
+    x, z = photo_and_latent
+    assert 15.0 < psnr(mini_vae.decode(z), mini_vae.decode(z, tile=128, mode="fast")) < 50.0
+    assert snr(z, mini_vae.encode(x, tile=128, mode="fast")) < 50.0
+
+
 def test_exact_encode_fidelity_on_trained_fixture(mini_vae, photo_and_latent):
-    x, ref = photo_and_latent
-    exact = mini_vae.encode(x, tile=128)
+    x, _ = photo_and_latent
+    x = x[..., 128:384, 64:320]
+    ref = mini_vae.encode(x)
+    exact = mini_vae.encode(x, tile=64)
     assert snr(ref, exact) >= 130.0
     with torch.no_grad():
         truth = copy.deepcopy(mini_vae.model).double().encode(x.double())
     assert _rms(exact, truth) <= 1.25 * _rms(ref, truth)
-    assert snr(ref, mini_vae.encode(x, tile=128, mode="fast")) < 50.0
 
 
 def test_exact_without_cache_recomputes_to_the_same_result(mini_vae, photo_and_latent):
     """cache_bytes=0: nothing kept between sweeps, every tile recomputed from the stage input, same output."""
     x, z = photo_and_latent
-    x, z = x[..., 64:320, 96:352], z[..., 8:40, 12:44]
+    x, z = x[..., 64:192, 96:224], z[..., 8:24, 12:28]
     for op, t in (("decode", z), ("encode", x)):
         fn = getattr(mini_vae, op)
         ref, cached = fn(t), fn(t, tile=64)
@@ -181,26 +188,26 @@ def _measure(op: str, size: int, impl: str, cache_bytes: object = 0) -> dict:
 @pytest.mark.parametrize("op", ["decode", "encode"])
 def test_peak_memory_grows_with_tile_not_image(op):
     """With no cache, peak RSS at 4× the area grows < 1.5× tiled, while untiled grows more (so it can fail)."""
-    tiled = _measure(op, 1024, "ours")["peak_bytes"] / _measure(op, 512, "ours")["peak_bytes"]
-    untiled = _measure(op, 1024, "untiled")["peak_bytes"] / _measure(op, 512, "untiled")["peak_bytes"]
+    tiled = _measure(op, 768, "ours")["peak_bytes"] / _measure(op, 384, "ours")["peak_bytes"]
+    untiled = _measure(op, 768, "untiled")["peak_bytes"] / _measure(op, 384, "untiled")["peak_bytes"]
     assert tiled < 1.5, (tiled, untiled)
     assert untiled > 1.5, (tiled, untiled)
 
 
 @pytest.mark.parametrize("op", ["decode", "encode"])
 def test_peak_memory_is_working_set_plus_cache_budget(op):
-    """Peak RSS = the no-cache working set + at most the cache budget: an explicit 48 MiB budget (partly used) and
+    """Peak RSS = the no-cache working set + at most the cache budget: an explicit 24 MiB budget (partly used) and
     the default budget (which here holds the whole plan, so the call recomputes nothing)."""
     slack = 24 * 2**20
-    base = _measure(op, 1024, "ours", 0)["peak_bytes"]
-    small = _measure(op, 1024, "ours", 48 * 2**20)
-    assert 0 < small["report"]["cache_peak"] <= 48 * 2**20
-    assert small["peak_bytes"] <= base + 48 * 2**20 + slack, (small["peak_bytes"] - base) / 2**20
-    auto = _measure(op, 1024, "ours", "auto")
+    base = _measure(op, 768, "ours", 0)["peak_bytes"]
+    small = _measure(op, 768, "ours", 24 * 2**20)
+    assert 0 < small["report"]["cache_peak"] <= 24 * 2**20
+    assert small["peak_bytes"] <= base + 24 * 2**20 + slack, (small["peak_bytes"] - base) / 2**20
+    auto = _measure(op, 768, "ours", "auto")
     rep = auto["report"]
     assert rep["recomputed_runs"] == 0 and rep["schedule"] == "level-major"
     assert rep["cache_peak"] <= rep["cache_budget"]
     assert auto["peak_bytes"] <= base + rep["cache_peak"] + slack, (auto["peak_bytes"] - base) / 2**20
     # the budget buys speed: fewer segment runs with more cache
-    assert rep["segment_runs"] < small["report"]["segment_runs"] < _measure(op, 1024, "ours", 0)["report"][
+    assert rep["segment_runs"] < small["report"]["segment_runs"] < _measure(op, 768, "ours", 0)["report"][
         "segment_runs"]

@@ -124,7 +124,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         report = tiling.TileReport()
         opts = tiling.TileOptions(tile=None if impl == "untiled" else tile, mode=spec.get("mode", "exact"),
-                                  cache_bytes=spec.get("cache_bytes", "auto"), report=report)
+                                  cache_bytes=spec.get("cache_bytes", "auto"), report=report,
+                                  channels_last=bool(spec.get("channels_last")))
         engine = tiling.decode if spec["op"] == "decode" else tiling.encode
         fn = lambda t: engine(model, t, opts)  # noqa: E731
     reset_peak_rss()
@@ -246,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     out = os.path.join(tmp, f"{op}{size}{impl}{mode}.safetensors")
                     spec = {"op": op, "size": size, "impl": impl, "mode": mode or "exact", "tile": args.tile,
                             "dtype": args.dtype, "device": device, "runs": args.runs, "vae": args.vae, "out": out,
-                            "cache_bytes": args.cache_bytes}
+                            "cache_bytes": args.cache_bytes, "channels_last": args.channels_last}
                     res = measure(spec)
                     if res["status"] != "ok":
                         print(f"| {op} | {size}² | {name} | {res['status']} {res.get('error', '')} | | | | | | | |",
@@ -286,12 +287,14 @@ def add_bench_parser(sub: Any) -> None:
     s.add_argument("--tile", type=int, default=256, help="tile edge in image px (ours and diffusers')")
     s.add_argument("--op", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     s.add_argument("--runs", type=int, default=1)
-    s.add_argument("--cache-bytes", type=_cache_arg, default="auto",
+    s.add_argument("--channels-last", action="store_true", help="our calls on channels-last activations")
+    s.add_argument("--cache-bytes", type=cache_arg, default="auto",
                    help="exact tiling's cache budget in bytes, or 'auto' (default: a share of free memory)")
     s.set_defaults(fn=cmd_bench)
 
 
-def _cache_arg(value: str) -> Any:
+def cache_arg(value: str) -> Any:
+    """argparse type of ``--cache-bytes``: ``auto`` or an int ≥ 0."""
     if value == "auto":
         return "auto"
     try:

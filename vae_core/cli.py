@@ -21,6 +21,7 @@ from typing import Callable, NoReturn, Optional, Sequence, TypeVar
 import torch
 
 from . import images
+from .bench import cache_arg
 from .errors import VaeError, VaeInputError
 from .families import FAMILIES
 from .images import check_latent_output, image_format, latent_metadata, load_image, load_latent, psnr, save_image, \
@@ -74,6 +75,8 @@ def _add_run_args(p: argparse.ArgumentParser, vae_required: bool = False) -> Non
     p.add_argument("--tile", type=_tile, default=None,
                    help="tile edge in image px (≥ 64), 'auto' or 0 (= auto, as in the nodes), or 'none' (default)")
     p.add_argument("--mode", default="exact", choices=["exact", "fast"], help="tiling mode")
+    p.add_argument("--cache-bytes", type=cache_arg, default="auto", help="exact tiling's cache budget in bytes, or "
+                   "'auto' (default: a share of free memory); less is slower, never less exact")
     p.add_argument("--family", type=_family, default=None, help=f"override the detected family ({', '.join(FAMILIES)})")
 
 
@@ -210,7 +213,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     check_latent_output(out)
     x = load_image(image)
     vae = _load(args, vae_path)
-    z = vae.encode(x, tile=args.tile, mode=args.mode, progress=_progress("encode"))
+    z = vae.encode(x, tile=args.tile, mode=args.mode, progress=_progress("encode"),
+                   cache_bytes=args.cache_bytes)
     meta = {"family": vae.info.family, "scaling_factor": repr(vae.info.scaling_factor),
             "shift_factor": repr(vae.info.shift_factor), "note": "raw (unscaled) posterior mean"}
     _write(out, lambda: save_latent(z, out, meta))
@@ -233,7 +237,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(f"warning: {latent}: latent made by a {family!r} VAE, but {vae_path} is a {vae.info.family!r} VAE; "
               "the image will likely be wrong (pass the matching --vae, or --family if the detection is wrong)",
               file=sys.stderr)
-    y = vae.decode(z, tile=args.tile, mode=args.mode, progress=_progress("decode"))
+    y = vae.decode(z, tile=args.tile, mode=args.mode, progress=_progress("decode"),
+                   cache_bytes=args.cache_bytes)
     for i, name in enumerate(names):
         _write(name, lambda: save_image(y[i], name))
         print(f"wrote {name}: image {y.shape[3]}x{y.shape[2]}" + (f" (batch item {i} of {len(names)})"
@@ -254,8 +259,10 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     x = load_image(image)
     vae = _load(args, vae_path)
     t0 = time.perf_counter()
-    z = vae.encode(x, tile=args.tile, mode=args.mode, progress=_progress("encode"))
-    y = vae.decode(z, tile=args.tile, mode=args.mode, progress=_progress("decode"))
+    z = vae.encode(x, tile=args.tile, mode=args.mode, progress=_progress("encode"),
+                   cache_bytes=args.cache_bytes)
+    y = vae.decode(z, tile=args.tile, mode=args.mode, progress=_progress("decode"),
+                   cache_bytes=args.cache_bytes)
     dt = time.perf_counter() - t0
     h, w = z.shape[2] * 8, z.shape[3] * 8
     _write(out, lambda: save_image(y, out))

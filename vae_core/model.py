@@ -7,9 +7,9 @@ SDXL, SD3/Flux (16 channels, no quant convs) and narrow test variants share one 
 
 Two hooks serve the tiling engine without the model knowing about tiles:
 
-* every GroupNorm is a :class:`GroupNorm` whose forward consults :data:`NORM_HOOK` (a context variable); when set,
-  the hook computes the normalisation (e.g. with statistics pooled over a whole image);
-* the encoder and decoder expose their stages (``stem``, ``levels``, ``head``) as plain methods.
+* the encoder and decoder expose their low-resolution parts (``stem``, ``head``) as plain methods; the tiled
+  stages are run segment by segment by :mod:`vae_core.tile_ops` on the same modules;
+* :data:`ATTENTION_HOOK` is called between attention query chunks (cancel checks in long untiled calls).
 
 Tensor conventions: images are float ``[B, 3, H, W]`` in [-1, 1]; latents are raw (unscaled) ``[B, C, H/8, W/8]``.
 """
@@ -24,14 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "AutoencoderKL", "GroupNorm", "NORM_HOOK", "ATTENTION_HOOK", "attention"]
+__all__ = ["ModelConfig", "AutoencoderKL", "GroupNorm", "ATTENTION_HOOK", "attention"]
 
 log = logging.getLogger(__name__)
-
-#: When set to a callable ``hook(module, x) -> Tensor``, every :class:`GroupNorm` delegates to it.
-NORM_HOOK: contextvars.ContextVar[Optional[Callable[["GroupNorm", torch.Tensor], torch.Tensor]]] = (
-    contextvars.ContextVar("vae_core_norm_hook", default=None)
-)
 
 #: When set to a callable ``hook(done_chunks, total_chunks)``, :func:`attention` calls it after each query chunk
 #: (``done_chunks`` = 1..total), so a caller can report progress or cancel a long untiled attention by raising from
@@ -88,13 +83,7 @@ class ModelConfig:
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` whose forward can be taken over by :data:`NORM_HOOK` (used by the tiling engine)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hook = NORM_HOOK.get()
-        if hook is not None:
-            return hook(self, x)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    """``nn.GroupNorm`` (a class of its own so the tiling engine and the fp16 fix can find the model's norms)."""
 
 
 def _norm(cfg: ModelConfig, channels: int) -> GroupNorm:
@@ -113,10 +102,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return skip + h
+        # in place where the tensor is fresh (inference only: the engine runs under no_grad/inference_mode)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_bytes: Optional[int] = None) -> torch.Tensor:

@@ -34,7 +34,7 @@ def on_ui_settings() -> None:
                        ("vae_pack_decoder_tile", "Default decoder tile (px, 0 = auto)")):
         add(key, shared.OptionInfo(0, label, gr.Slider, {"minimum": 0, "maximum": 4096, "step": 64}, section=SECTION))
     add("vae_pack_tile_mode", shared.OptionInfo("exact", "Tiling mode", gr.Radio, {"choices": ["exact", "fast"]},
-                                                section=SECTION).info("exact = identical to untiled; fast = one pass, "
+                                                section=SECTION).info("exact = identical to untiled; fast = no cache, "
                                                                       "approximate colours"))
 
 
