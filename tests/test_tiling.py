@@ -211,3 +211,30 @@ def test_peak_memory_is_working_set_plus_cache_budget(op):
     # the budget buys speed: fewer segment runs with more cache
     assert rep["segment_runs"] < small["report"]["segment_runs"] < _measure(op, 768, "ours", 0)["report"][
         "segment_runs"]
+
+
+def test_untiled_path_reports_progress_and_keeps_no_autograd_graph():
+    """A call that one tile covers runs untiled: still one progress step, and no graph even with grad-enabled
+    weights (a host's shared parameters may require grad)."""
+    model = vae_core.AutoencoderKL(vae_core.ModelConfig(**{**NARROW, "ch_mult": tuple(NARROW["ch_mult"])})).eval()
+    calls = []
+    out = tiling.encode(model, torch.rand(1, 3, 71, 9) * 2 - 1, tiling.TileOptions(tile=64, progress=lambda d, t:
+                                                                                     calls.append((d, t))))
+    assert calls == [(1, 1)] and not out.requires_grad
+    assert not tiling.decode(model, torch.randn(1, 4, 20, 20), tiling.TileOptions(tile=64)).requires_grad
+
+
+def test_fast_mode_proxy_is_the_image_when_it_fits(mini_vae):
+    """Fast mode on an image no larger than its proxy uses the image itself (odd sizes too): exact statistics."""
+    x = F.avg_pool2d(torch.rand(1, 3, 113, 67) * 2 - 1, 3, 1, 1)
+    assert snr(mini_vae.encode(x), mini_vae.encode(x, tile=64, mode="fast")) >= 120.0
+
+
+def test_store_accounting_never_goes_negative():
+    from vae_core.tile_cache import CheckpointStore
+
+    store = CheckpointStore(torch.device("cpu"), 100)
+    assert not store.reserve(200) and store.reserve(60)
+    store.release(60)
+    assert store.used["device"] == 0 and store.free() == 100
+    assert store.put(0, 3, {"x": torch.zeros(5)}) and not store.put(1, 3, {"x": torch.zeros(30)})

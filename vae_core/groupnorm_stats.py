@@ -57,6 +57,11 @@ def apply_norm(m: GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Ten
     if m.weight is not None:
         w, b = m.weight.double(), m.bias.double()
         scale, shift = scale * w, shift * w + b
+    if x.dtype in (torch.float16, torch.bfloat16):  # x·scale could overflow where |mean|/std is large: centre first
+        bias = (m.bias.double() if m.bias is not None else torch.zeros_like(scale[0]))
+        centred = x - mean.repeat_interleave(per, dim=1).to(x.device, x.dtype)[..., None, None]
+        return torch.addcmul(bias.to(x.device, x.dtype)[None, :, None, None].expand_as(scale[..., None, None]),
+                             centred, scale.to(x.device, x.dtype)[..., None, None])
     scale = scale.to(x.device, x.dtype)[..., None, None]
     shift = shift.to(x.device, x.dtype)[..., None, None]
     return torch.addcmul(shift, x, scale)

@@ -85,14 +85,15 @@ class CheckpointStore:
         return True
 
     def release(self, size: int) -> None:
-        self.used["device"] -= size
+        """Give back ``size`` bytes taken with a successful :meth:`reserve`."""
+        self.used["device"] = max(0, self.used["device"] - size)
 
     def _note_peak(self) -> None:
         self.peak = max(self.peak, self.used["device"] + self.used["host"])
 
     def free(self) -> int:
         """Bytes not yet used, counting the space held by current checkpoints as free (they are replaced)."""
-        held = sum(nbytes(e[1]) for e in self.entries.values())
+        held = sum(self._size(e[1], e[2]) for e in self.entries.values())
         return self.total_budget - self.used["device"] - self.used["host"] + held
 
     def get(self, tile: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
@@ -104,20 +105,27 @@ class CheckpointStore:
             state = {r: t.to(self.device, non_blocking=True) for r, t in state.items()}
         return k, state
 
+    @staticmethod
+    def _size(state: dict[str, torch.Tensor], tier: str) -> int:
+        """Bytes a state costs in ``tier``: pinned host blocks are cached by PyTorch in power-of-two sizes."""
+        if tier == "host":
+            return sum(1 << max(0, (t.numel() * t.element_size() - 1).bit_length()) for t in state.values())
+        return nbytes(state)
+
     def drop(self, tile: int) -> None:
         old = self.entries.pop(tile, None)
         if old is not None:
-            self.used[old[2]] -= nbytes(old[1])
+            self.used[old[2]] -= self._size(old[1], old[2])
 
     def put(self, tile: int, k: int, state: dict[str, torch.Tensor]) -> bool:
         """Keep ``state`` as ``tile``'s checkpoint at segment ``k`` if the budget allows (replacing the old one);
         returns whether it was kept. A state that does not fit leaves the old checkpoint in place."""
-        size = nbytes(state)
         old = self.entries.get(tile)
         freed = {"device": 0, "host": 0}
         if old is not None:
-            freed[old[2]] = nbytes(old[1])
+            freed[old[2]] = self._size(old[1], old[2])
         for tier in ("device", "host"):
+            size = self._size(state, tier)
             if self.used[tier] - freed[tier] + size <= self.budget[tier]:
                 self.drop(tile)
                 if tier == "host":

@@ -190,13 +190,16 @@ def _make_group(segs: list[Segment], size: tuple[int, int], factor: int, lat: tu
 
 
 def _plan(stages: list[list[Segment]], size: tuple[int, int], factor: int, lat: tuple[int, int], core: int,
-          elem: int, budget: int, exact: bool) -> tuple[list[Group], str]:
-    """Level-major (a group per stage) if the budget holds the largest stage's checkpoints and its assembled input
-    and output; else tile-major (one group)."""
+          elem: int, budget: int, exact: bool, device_budget: Optional[int] = None) -> tuple[list[Group], str]:
+    """Level-major (a group per stage) if the budget holds the largest stage's stream checkpoints and its assembled
+    input and output (those on the device: ``device_budget``, default ``budget``); else tile-major (one group)."""
     cores = [(ry, rx) for ry in _split(lat[0], core) for rx in _split(lat[1], core)]
     if exact and len(stages) > 1 and budget > 0:
         groups = _level_major(stages, size, factor, lat, cores)
-        if _level_major_need(groups, elem, stream_only=True) <= budget:
+        assembled = max((g.out_bytes(elem) + (groups[i - 1].out_bytes(elem) if i else 0)
+                         for i, g in enumerate(groups[:-1])), default=0)
+        if (_level_major_need(groups, elem, stream_only=True) <= budget
+                and assembled <= (budget if device_budget is None else device_budget)):
             return groups, "level-major"
     g, _ = _make_group([s for segs in stages for s in segs], size, factor, lat, cores)
     return [g], "tile-major"
@@ -281,19 +284,14 @@ def _run_group(group: Group, src: torch.Tensor, dst: torch.Tensor, stats: Stats,
     for target in _sweeps(group, stats) + [end]:
         acc = StatsAccumulator()
         # keep this sweep's states if every tile's fits; otherwise only stream-only states, as many as fit
-        if target == end:
-            keep = "none"
-        elif group.sweep_bytes(target, src.element_size()) <= store.free():
-            keep = "all"
-        else:
-            keep = "some" if len(segs[target].channels) == 1 else "none"
+        keep = target != end and (group.sweep_bytes(target, src.element_size()) <= store.free()
+                                  or len(segs[target].channels) == 1)
         for i, tile in enumerate(group.tiles):
             run.check_cancel()
             hit = store.get(i)
             k, state = hit if hit is not None else (0, {"x": src[..., slice(*tile.rects[0]["x"][0]),
                                                                    slice(*tile.rects[0]["x"][1])]})
-            if hit is None and tile.rects[0]["x"] == full:
-                state = {"x": src}
+            del hit  # the state alone holds the checkpoint's tensors, so replacing it frees them
             for j in range(k, target):
                 state = segs[j].run(state, tile.rects[j], tile.rects[j + 1], group.sizes[j], stats)
                 flops = segs[j].flops(tile.rects[j + 1])
@@ -312,33 +310,34 @@ def _run_group(group: Group, src: torch.Tensor, dst: torch.Tensor, stats: Stats,
                 (ry, rx), (cy, cx) = tile.rects[target][segs[target].norm_reg], tile.cores[target]
                 t = state[segs[target].norm_reg]
                 acc.add(t[..., cy[0] - ry[0]:cy[1] - ry[0], cx[0] - rx[0]:cx[1] - rx[0]], segs[target].norm.num_groups)
-                if target > k and keep != "none":
+                if target > k and keep:
                     store.put(i, target, state)
             del state
             run.tick()
         if target != end:
             stats[segs[target].norm] = acc.result()
-    for k, s in enumerate(segs):  # the halo share is what first runs computed beyond the untiled work
-        rep.flops_useful += s.flops({r: ((0, group.sizes[k + 1][0]), (0, group.sizes[k + 1][1])) for r in
-                                     s.outputs()})
-    rep.flops_halo -= sum(s.flops({r: ((0, group.sizes[k + 1][0]), (0, group.sizes[k + 1][1])) for r in
-                                   s.outputs()}) for k, s in enumerate(segs))
+    # the halo share is what first runs computed beyond the untiled work of these segments
+    useful = sum(s.flops({r: ((0, group.sizes[k + 1][0]), (0, group.sizes[k + 1][1])) for r in s.outputs()})
+                 for k, s in enumerate(segs))
+    rep.flops_useful += useful
+    rep.flops_halo -= useful
 
 
 def _run_plan(groups: list[Group], src: torch.Tensor, dst: torch.Tensor, stats: Stats, store: CheckpointStore,
               run: _Run) -> None:
-    """Run the groups in order; intermediate outputs are assembled whole (their bytes are reserved in ``store``)."""
+    """Run the groups in order; intermediate outputs are assembled whole, on the device (their bytes are taken from
+    the device tier of ``store``)."""
+    held = 0
     for i, g in enumerate(groups):
         if i == len(groups) - 1:
-            out = dst
+            out, took = dst, 0
         else:
             h, w = g.sizes[-1]
             out = torch.empty((1, g.segs[-1].out_channels, h, w), device=src.device, dtype=src.dtype)
-            store.reserve(nbytes({"o": out}))
+            took = nbytes({"o": out}) if store.reserve(nbytes({"o": out})) else 0
         _run_group(g, src, out, stats, store, run)
-        if i:
-            store.release(nbytes({"s": src}))
-        src = out
+        store.release(held)
+        src, held = out, took
 
 
 def _proxy_stats(stages: list[list[Segment]], proxy_src: torch.Tensor, factor: int) -> Stats:
@@ -372,19 +371,19 @@ def _tiled(stages: list[list[Segment]], items: list[Callable[[], torch.Tensor]],
     device, elem = out.device, out.element_size()
     dev_budget, host_budget = resolve_budget(opts.cache_bytes, device) if opts.mode == "exact" else (0, 0)
     store = CheckpointStore(device, dev_budget, host_budget)
-    groups, schedule = _plan(stages, size, factor, lat, tile_lat, elem, store.total_budget, opts.mode == "exact")
+    groups, schedule = _plan(stages, size, factor, lat, tile_lat, elem, store.total_budget, opts.mode == "exact",
+                             store.budget["device"])
     rep = opts.report if opts.report is not None else TileReport()
     rep.schedule, rep.tiles, rep.cache_budget = schedule, len(groups[0].tiles), store.total_budget
     per_item = sum(len(g.tiles) * (len(_sweeps(g, {})) * (opts.mode == "exact") + 1) for g in groups)
     run = _Run(opts, rep, per_item * len(items))
     log.debug("tiled: %s, %d tiles, %d groups, cache budget %d bytes", schedule, rep.tiles, len(groups),
               store.total_budget)
-    with torch.no_grad():
-        for i, item in enumerate(items):
-            stats = _proxy_stats(stages, proxies[i](), factor) if proxies is not None else {}
-            rep.sweeps += sum(len(_sweeps(g, stats)) + 1 for g in groups)
-            _run_plan(groups, item(), out[i:i + 1], stats, store, run)
-            store.clear()
+    for i, item in enumerate(items):
+        stats = _proxy_stats(stages, proxies[i](), factor) if proxies is not None else {}
+        rep.sweeps += sum(len(_sweeps(g, stats)) + 1 for g in groups)
+        _run_plan(groups, item(), out[i:i + 1], stats, store, run)
+        store.clear()
     rep.cache_peak = max(rep.cache_peak, store.peak)
 
 
@@ -396,7 +395,7 @@ def decoder_forward_tiled(model: AutoencoderKL, h: torch.Tensor, tile: int, opts
     core = max(1, tile // down)
     b, _, lh, lw = h.shape
     if core >= lh and core >= lw:
-        return dec(h)
+        return _untiled(dec, h, opts)
 
     def low(t: torch.Tensor) -> torch.Tensor:
         t = dec.stem(t)
@@ -410,9 +409,8 @@ def decoder_forward_tiled(model: AutoencoderKL, h: torch.Tensor, tile: int, opts
         proxies = [lambda i=i: low(F.adaptive_avg_pool2d(h[i:i + 1], (ph, pw)) if (ph, pw) != (lh, lw)
                                    else h[i:i + 1]) for i in range(b)]
     out = torch.empty((b, model.config.out_channels, lh * down, lw * down), device=h.device, dtype=h.dtype)
-    with torch.no_grad():
-        _tiled(decoder_segments(model), [lambda i=i: low(h[i:i + 1]) for i in range(b)], (lh, lw), 1, (lh, lw),
-               core, out, proxies, opts)
+    _tiled(decoder_segments(model), [lambda i=i: low(h[i:i + 1]) for i in range(b)], (lh, lw), 1, (lh, lw),
+           core, out, proxies, opts)
     return out
 
 
@@ -428,21 +426,21 @@ def encoder_forward_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts
         lat = (lat[0] // 2, lat[1] // 2)
     core = max(1, tile // down)
     if core >= lat[0] and core >= lat[1]:
-        return enc(x)
+        return _untiled(enc, x, opts)
     proxies = None
     if opts.mode == "fast":
         ph, pw = _proxy_shape(hh, ww, 1, opts.proxy_pixels or max(256 * 256, tile * tile))
-        ph, pw = max(down, ph // down * down), max(down, pw // down * down)
-        proxies = [lambda i=i: F.interpolate(x[i:i + 1], size=(ph, pw), mode="bilinear", antialias=True,
-                                             align_corners=False) for i in range(b)]
+        ph, pw = (hh, ww) if (ph, pw) == (hh, ww) else (max(down, ph // down * down), max(down, pw // down * down))
+        proxies = [lambda i=i: x[i:i + 1] if (ph, pw) == (hh, ww) else F.interpolate(
+            x[i:i + 1].float(), size=(ph, pw), mode="bilinear", antialias=True, align_corners=False).to(x.dtype)
+            for i in range(b)]
     width = stages[-1][-1].out_channels
     low = torch.empty((b, width, lat[0], lat[1]), device=x.device, dtype=x.dtype)
-    with torch.no_grad():
-        _tiled(stages, [lambda i=i: x[i:i + 1] for i in range(b)], (hh, ww), 2 ** len(stages), lat, core, low,
-               proxies, opts)
-        for blk in enc.down[-1].block:
-            low = blk(low)
-        return enc.head(low)
+    _tiled(stages, [lambda i=i: x[i:i + 1] for i in range(b)], (hh, ww), 2 ** len(stages), lat, core, low,
+           proxies, opts)
+    for blk in enc.down[-1].block:
+        low = blk(low)
+    return enc.head(low)
 
 
 def decode_tiled(model: AutoencoderKL, z: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
@@ -453,6 +451,15 @@ def decode_tiled(model: AutoencoderKL, z: torch.Tensor, tile: int, opts: TileOpt
 def encode_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
     """Tiled encode of images ``x`` ``[B, 3, H, W]`` → raw posterior mean ``[B, C, H//8, W//8]``."""
     return model.moments_to_mean(encoder_forward_tiled(model, x, tile, opts))
+
+
+def _untiled(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, opts: TileOptions) -> torch.Tensor:
+    """An untiled call: no autograd graph, and one progress step so hosts see the call finish."""
+    with torch.no_grad():
+        out = fn(t)
+    if opts.progress is not None:
+        opts.progress(1, 1)
+    return out
 
 
 def _free_after_oom(device: torch.device) -> None:
@@ -481,7 +488,8 @@ def _run(kind: str, model: AutoencoderKL, t: torch.Tensor, opts: TileOptions, pi
         t = t.contiguous(memory_format=torch.channels_last)
     token = ATTENTION_HOOK.set(lambda done, total: _attention_cancel(opts))
     try:
-        return _run_hooked(kind, model, t, opts, pixels, untiled, tiled, tile).contiguous()
+        with torch.no_grad():  # inference only: no autograd graph may outlive a tile
+            return _run_hooked(kind, model, t, opts, pixels, untiled, tiled, tile).contiguous()
     finally:
         ATTENTION_HOOK.reset(token)
 
@@ -500,7 +508,7 @@ def _run_hooked(kind: str, model: AutoencoderKL, t: torch.Tensor, opts: TileOpti
         return tiled(model, t, tile, opts)
     failed: Optional[str] = None
     try:
-        return untiled(t)
+        return _untiled(untiled, t, opts)
     except Exception as exc:  # noqa: BLE001 - only allocation failures are handled, the rest re-raised
         if not is_oom(exc):
             raise
@@ -513,6 +521,10 @@ def _run_hooked(kind: str, model: AutoencoderKL, t: torch.Tensor, opts: TileOpti
         raise VaeError(f"{kind}: out of memory on a {pixels[1]}x{pixels[0]} image ({failed}), too small to tile")
     tile = min(auto_tile(model, pixels[0], pixels[1], t.dtype, t.device, budget) or largest, largest // 2)
     tile = max(MIN_TILE, tile // 8 * 8)
+    f = model.config.downscale
+    if tile // f >= max(pixels[0] // f, pixels[1] // f):  # one tile would cover the latent: the same call again
+        raise VaeError(f"{kind}: out of memory on a {pixels[1]}x{pixels[0]} image ({failed}); the smallest tile "
+                       f"({MIN_TILE} px) covers it, so tiling cannot help")
     log.warning("%s: out of memory untiled (%s); retrying tiled with %d px tiles", kind, failed, tile)
     return tiled(model, t, tile, opts)
 
