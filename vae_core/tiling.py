@@ -277,7 +277,6 @@ def _run_group(group: Group, src: torch.Tensor, dst: torch.Tensor, stats: Stats,
                run: _Run) -> None:
     """Run every tile of ``group`` from ``src`` (the whole input, ``[1, C, H, W]``) and write the tiles' cores into
     ``dst``, sweeping the GroupNorms whose statistics ``stats`` lacks (and adding them to it)."""
-    full: Rect = ((0, group.sizes[0][0]), (0, group.sizes[0][1]))
     segs, rep = group.segs, run.report
     ran = [0] * len(group.tiles)  # segments each tile has run at least once
     end = len(segs)
