@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT
+from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT, real_host
 
 A1111 = os.environ.get("A1111_PATH")
-pytestmark = pytest.mark.skipif(not A1111, reason="set A1111_PATH to an A1111 v1.10.1 tree to run")
+pytestmark = real_host("A1111_PATH", "an A1111 v1.10.1 tree")
 
 
 @pytest.fixture(scope="module")

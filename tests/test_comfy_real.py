@@ -24,10 +24,10 @@ import pytest
 import torch
 
 import vae_core
-from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT, SAMPLE
+from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT, SAMPLE, real_host
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
-pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
+pytestmark = real_host("COMFYUI_PATH", "a ComfyUI checkout")
 EXAMPLES = ROOT / "examples"
 
 
