@@ -2,8 +2,10 @@
 
 * :func:`to_comfy_vae` builds ComfyUI's own ``comfy.sd.VAE`` from a vae_core Vae (LDM keys), so every core node and
   other pack sees a native VAE (no subclass, no duck typing that core changes could break).
-* :func:`engine_for` gives the vae_core engine for ANY incoming ComfyUI VAE, converted once and cached by identity
-  (weakly, so it goes when the VAE goes), kept on the CPU between calls so it never holds VRAM.
+* :func:`engine_for` gives the vae_core engine for ANY incoming ComfyUI VAE: a :class:`~vae_core.attach.HostEngine`
+  that runs on the ComfyUI VAE's own parameters (no second copy), cached weakly per VAE object.
+* :func:`run_engine` loads the VAE through ComfyUI's model management (``load_models_gpu`` with its patcher and the
+  engine's memory estimate), so ComfyUI accounts for, offloads and reuses it like after its own VAE Decode.
 * :func:`guard_comfy_vae` wraps one ComfyUI VAE instance's encode/decode with vae_core's whole-tensor NaN guard.
 """
 from __future__ import annotations
@@ -19,13 +21,14 @@ import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
 
-from ..vae_core import Vae, VaeLoadError, vae_from_state_dict
+from ..vae_core import Vae, VaeLoadError
+from ..vae_core.attach import HostEngine
 from ..vae_core.precision import GuardState, guarded
 from ..vae_core.tiling import estimate_bytes
 
 log = logging.getLogger(__name__)
 
-_ENGINES: "weakref.WeakKeyDictionary[Any, Vae]" = weakref.WeakKeyDictionary()
+_ENGINES: "weakref.WeakKeyDictionary[Any, HostEngine]" = weakref.WeakKeyDictionary()
 
 
 def to_comfy_vae(vae: Vae) -> Any:
@@ -36,11 +39,7 @@ def to_comfy_vae(vae: Vae) -> Any:
         kwargs["metadata"] = {"vae_pack.family": vae.info.family}
     cvae = comfy.sd.VAE(**kwargs)
     cvae.throw_exception_if_invalid()
-    eps = {name: m.eps for name, m in vae.model.named_modules() if isinstance(m, torch.nn.GroupNorm)}
-    for name, m in cvae.first_stage_model.named_modules():
-        if name in eps and hasattr(m, "eps"):
-            m.eps = eps[name]
-    _ENGINES[cvae] = vae.to("cpu")
+    engine_for(cvae).set_host_eps(vae.model)  # the fp16 fix changes eps; ComfyUI builds its norms with the default
     return cvae
 
 
@@ -60,31 +59,44 @@ def comfy_config(vae: Vae) -> Optional[dict]:
     return {"params": {"ddconfig": dd, "embed_dim": cfg.embed_dim}}
 
 
-def engine_for(cvae: Any) -> Vae:
-    """The vae_core Vae for a ComfyUI VAE, converted from ``get_sd()`` once per VAE object."""
-    vae = _ENGINES.get(cvae)
-    if vae is None:
-        vae = vae_from_state_dict(cvae.get_sd(), name=f"ComfyUI VAE {type(cvae).__name__}")
-        for name, m in cvae.first_stage_model.named_modules():  # carry over eps changed by an fp16 fix
-            mine = dict(vae.model.named_modules()).get(name)
-            if isinstance(mine, torch.nn.GroupNorm) and hasattr(m, "eps"):
-                mine.eps = m.eps
-        _ENGINES[cvae] = vae
-    return vae
+def engine_for(cvae: Any) -> HostEngine:
+    """The vae_core engine on ``cvae.first_stage_model``'s own parameters, built once per VAE object.
+
+    Raises:
+        VaeLoadError: the VAE is not an SD-family AutoencoderKL (TAESD, video and audio VAEs, ...).
+    """
+    engine = _ENGINES.get(cvae)
+    if engine is None:
+        cvae.throw_exception_if_invalid()
+        engine = HostEngine(cvae.first_stage_model, name=f"ComfyUI VAE ({type(cvae.first_stage_model).__name__})")
+        _ENGINES[cvae] = engine
+    return engine
 
 
 def run_engine(cvae: Any, fn: Callable[[Vae], torch.Tensor], pixels: int, tiled: bool) -> torch.Tensor:
-    """Run ``fn`` on the engine of ``cvae`` on ComfyUI's VAE device and dtype, freeing room first."""
-    vae = engine_for(cvae)
-    device = getattr(cvae, "device", None) or mm.vae_device()
-    dtype = vae.guard.working_dtype or getattr(cvae, "vae_dtype", torch.float32)
-    need = estimate_bytes(vae.model, pixels if not tiled else min(pixels, 1024 * 1024), dtype)
-    mm.free_memory(need + 2 * sum(p.numel() for p in vae.model.parameters()) * 4, device)
-    vae.to(device=device, dtype=dtype)
-    try:
+    """Run ``fn`` on the engine of ``cvae`` after ComfyUI's model management has loaded the VAE on its device.
+
+    The memory asked of ``load_models_gpu`` is the engine's working set for one tile (``tiled``) or the whole image;
+    the whole VAE is loaded (no low-VRAM partial load: the engine runs plain modules on the loaded weights).
+    """
+    engine = engine_for(cvae)
+    dtype = engine.vae.guard.working_dtype or getattr(cvae, "vae_dtype", torch.float32)
+    need = estimate_bytes(engine.vae.model, pixels if not tiled else min(pixels, 1024 * 1024), dtype)
+    mm.load_models_gpu([cvae.patcher], memory_required=need, force_full_load=True)
+    with engine.attached() as vae:
         return fn(vae)
-    finally:
-        vae.to("cpu")
+
+
+def comfy_tiled(cvae: Any, method: str, t: torch.Tensor, tile: int) -> torch.Tensor:
+    """ComfyUI's own tiled call, for a VAE the engine does not know: ``decode`` takes raw latents and returns IMAGE
+    ``[B, H, W, C]`` in 0..1; ``encode`` takes IMAGE and returns raw latents. ``tile`` in image pixels (0 = 512);
+    the overlap is a quarter (decode) or an eighth (encode) of the tile, ComfyUI's node defaults' proportions."""
+    tile = tile or 512
+    if method == "decode":
+        r = int(cvae.spacial_compression_decode())
+        lt = max(8, tile // r)
+        return cvae.decode_tiled(t, tile_x=lt, tile_y=lt, overlap=max(1, lt // 4))
+    return cvae.encode_tiled(t, tile_x=tile, tile_y=tile, overlap=max(8, tile // 8))
 
 
 def progress_and_cancel() -> tuple[Callable[[int, int], None], Callable[[], None]]:

@@ -5,9 +5,10 @@ IMAGE is float32 ``[B, H, W, C]`` in 0..1; LATENT is ``{"samples": raw latents [
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -15,8 +16,11 @@ import folder_paths
 
 from ..vae_core import VaeLoadError, load_vae, make_fp16_safe
 from ..vae_core.formats import find_diffusers_folder, is_weight_file
+from ..vae_core.tiling import TileReport
 from ..vae_core.walk import walk_model_dirs
-from .comfy_bridge import engine_for, guard_comfy_vae, progress_and_cancel, run_engine, to_comfy_vae
+from .comfy_bridge import comfy_tiled, engine_for, guard_comfy_vae, progress_and_cancel, run_engine, to_comfy_vae
+
+log = logging.getLogger(__name__)
 
 CATEGORY = "VAE Pack"
 _TILE = ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
@@ -70,12 +74,34 @@ def _to_image(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).float().cpu()
 
 
-def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pixels: int) -> torch.Tensor:
-    """Run the engine's encode/decode on any ComfyUI VAE with a progress bar and ComfyUI's cancel."""
+def describe(report: TileReport, tile: Any) -> str:
+    if not report.tiles:
+        return f"untiled (tile {tile}: the image fits)"
+    extra = report.flops_total / max(1, report.flops_useful)
+    return (f"{report.schedule} tiling, {report.tiles} tiles, {report.sweeps} sweeps, {extra:.2f}x the untiled "
+            f"convolution FLOPs, cache {report.cache_peak / 2**20:.0f} MiB")
+
+
+def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pixels: int,
+           fallback: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, str, bool]:
+    """Run the engine's encode/decode on the ComfyUI VAE with a progress bar and ComfyUI's cancel; for a VAE the
+    engine does not know (TAESD, video/audio VAEs) run ComfyUI's own tiled call instead and say so.
+
+    Returns ``(tensor, note, ran_engine)``: the engine's output (raw latents, or images ``[B, 3, H, W]`` in about
+    -1..1) when ``ran_engine``, else ``fallback()``'s, already in ComfyUI's conventions (IMAGE / raw latents)."""
+    try:
+        engine_for(vae)
+    except VaeLoadError as exc:
+        note = (f"not an SD-family AutoencoderKL ({exc.found}); ran ComfyUI's own tiled {method} instead (approximate: "
+                "per-tile colour shifts and blended seams are possible)")
+        log.warning("VAE Pack tiled %s: %s", method, note)
+        return fallback(), note, False
     progress, cancel = progress_and_cancel()
     tile = tile_size or "auto"
-    return run_engine(vae, lambda v: getattr(v, method)(t, tile=tile, mode=mode, progress=progress, cancel=cancel),
-                      pixels, tiled=tile != "auto")
+    report = TileReport()
+    out = run_engine(vae, lambda v: getattr(v, method)(t, tile=tile, mode=mode, progress=progress, cancel=cancel,
+                                                       report=report), pixels, tiled=tile != "auto")
+    return out, f"{mode}: {describe(report, tile)}", True
 
 
 class VaePackLoader:
@@ -104,7 +130,10 @@ class VaePackLoader:
 class VaePackDecodeTiled:
     DESCRIPTION = "Tiled VAE decode with bounded memory, identical to an untiled decode (no seams, no colour shift)."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "report")
+    OUTPUT_TOOLTIPS = ("The decoded images.", "What ran: tiles, sweeps and FLOPs, or the fallback used for a VAE "
+                       "that is not an SD-family AutoencoderKL.")
     FUNCTION = "decode"
 
     @classmethod
@@ -112,25 +141,31 @@ class VaePackDecodeTiled:
         return {"required": {"samples": ("LATENT",), "vae": ("VAE", {"tooltip": "Any VAE, e.g. from Load "
                                                                      "Checkpoint."}), "tile_size": _TILE, "mode": _MODE}}
 
-    def decode(self, samples: dict, vae: Any, tile_size: int, mode: str) -> tuple[torch.Tensor]:
+    def decode(self, samples: dict, vae: Any, tile_size: int, mode: str) -> tuple[torch.Tensor, str]:
         z = samples["samples"]
-        return (_to_image(_tiled(vae, "decode", z, tile_size, mode, z.shape[-1] * z.shape[-2] * 64 * z.shape[0])),)
+        out, note, ran = _tiled(vae, "decode", z, tile_size, mode, z.shape[-1] * z.shape[-2] * 64 * z.shape[0],
+                                lambda: comfy_tiled(vae, "decode", z, tile_size))
+        return (_to_image(out) if ran else out.float().cpu()), note
 
 
 class VaePackEncodeTiled:
     DESCRIPTION = "Tiled VAE encode with bounded memory, identical to an untiled encode."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("latent", "report")
+    OUTPUT_TOOLTIPS = ("The raw latents.", "What ran: tiles, sweeps and FLOPs, or the fallback used for a VAE that "
+                       "is not an SD-family AutoencoderKL.")
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "tile_size": _TILE, "mode": _MODE}}
 
-    def encode(self, pixels: torch.Tensor, vae: Any, tile_size: int, mode: str) -> tuple[dict]:
+    def encode(self, pixels: torch.Tensor, vae: Any, tile_size: int, mode: str) -> tuple[dict, str]:
         x = _to_model(pixels)
-        z = _tiled(vae, "encode", x, tile_size, mode, x.shape[-1] * x.shape[-2] * x.shape[0])
-        return ({"samples": z.float().cpu()},)
+        z, note, _ = _tiled(vae, "encode", x, tile_size, mode, x.shape[-1] * x.shape[-2] * x.shape[0],
+                            lambda: comfy_tiled(vae, "encode", pixels, tile_size))
+        return {"samples": z.float().cpu()}, note
 
 
 class VaePackFp16Fix:
@@ -152,7 +187,8 @@ class VaePackFp16Fix:
     def apply(self, vae: Any, fix: bool, precision: str) -> tuple[Any, str]:
         import comfy.model_management as mm
 
-        core = engine_for(vae).clone()
+        with engine_for(vae).attached() as shared:  # an independent float32 copy: the fix makes a new VAE
+            core = shared.clone().to("cpu", torch.float32)
         report = "fp16 fix off"
         if fix:
             core = make_fp16_safe(core)

@@ -51,7 +51,7 @@ def a1111(tmp_path_factory, monkeypatch_module):
 
     original_refresh = sd_vae.refresh_vae_list
     script = _load_script()
-    sd_model = ldm_standin.SdModel(vae_core.load_vae(MINI_LDM).model.config)
+    sd_model = ldm_standin.SdModel([32, 64, 128, 128], 2)  # the fixture's widths
     shared.sd_model = sd_model
     sd_vae.refresh_vae_list()  # A1111 refreshes right after loading the scripts
     yield dict(sd_vae=sd_vae, shared=shared, shared_items=shared_items, devices=devices, script=script,
@@ -79,8 +79,12 @@ def test_dropdown_lists_every_format_with_unique_names(a1111):
 
 
 def test_selecting_each_entry_strict_loads_ldm_weights(a1111):
+    import ldm_standin
+
     sd_vae, sd_model = a1111["sd_vae"], a1111["sd_model"]
-    expected = {k: v.float() for k, v in load_file(str(MINI_LDM)).items()}
+    reference = ldm_standin.first_stage([32, 64, 128, 128], 2)
+    reference.load_state_dict(load_file(str(MINI_LDM)))  # diffusers' converter, not ours
+    expected = reference.state_dict()
     for name in ("mini-vae", "as-bin.bin", "full-checkpoint.safetensors", "mini-ldm.safetensors", "mini-vae (2)"):
         sd_vae.reload_vae_weights(sd_model, sd_vae.vae_dict[name])
         got = sd_model.first_stage_model.state_dict()
@@ -195,6 +199,7 @@ def test_fp16_fix_applied_on_model_load(a1111, tmp_path):
         sd_vae.reload_vae_weights(sd_model, sd_vae.vae_dict["overflowing.safetensors"])
         fsm = sd_model.first_stage_model
         assert next(fsm.parameters()).dtype == torch.float16 and fsm._vae_pack_fixed
+        assert len({m.eps for m in fsm.modules() if isinstance(m, torch.nn.GroupNorm)}) > 1  # eps rescaled too
         with torch.no_grad():
             y = fsm.decode(fsm.encode(x.half()).mean)
         assert y.dtype == torch.float16 and torch.isfinite(y).all()

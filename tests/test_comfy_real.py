@@ -46,7 +46,8 @@ def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
+            body = r.read()
+            return json.loads(body) if body.strip() else {}
     except urllib.error.HTTPError as err:
         raise AssertionError(f"POST {url}: {err.code} {err.read().decode()[:2000]}") from err
 
@@ -62,6 +63,9 @@ def server(tmp_path_factory):
     for d in ("input", "output", "temp", "user", "frontend"):
         (base / d).mkdir()
     shutil.copy(SAMPLE, base / "input" / "sample.png")
+    from safetensors.torch import save_file
+
+    save_file(_taesd(), str(base / "models" / "vae" / "tiny-taesd.safetensors"))  # core loads it; vae_core cannot
     port = _port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     log = open(base / "server.log", "w")
@@ -94,16 +98,32 @@ def server(tmp_path_factory):
         print((base / "server.log").read_text()[-3000:])
 
 
-def _run(url: str, base: Path, graph: dict) -> dict:
-    pid = _post(f"{url}/prompt", {"prompt": graph, "client_id": "vae-pack-test"})["prompt_id"]
+def _taesd() -> dict:
+    """A random TAESD in its original key layout (what core's VAELoader loads from models/vae)."""
+    from diffusers import AutoencoderTiny
+    from diffusers_host import taesd_keys
+
+    torch.manual_seed(0)
+    return {k: v.contiguous() for k, v in taesd_keys(AutoencoderTiny().state_dict()).items()}
+
+
+def _submit(url: str, graph: dict) -> str:
+    return _post(f"{url}/prompt", {"prompt": graph, "client_id": "vae-pack-test"})["prompt_id"]
+
+
+def _wait(url: str, base: Path, pid: str) -> dict:
     for _ in range(1200):
         hist = _get(f"{url}/history/{pid}")
         if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-            entry = hist[pid]
-            assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-            return entry["outputs"]
+            return hist[pid]
         time.sleep(0.5)
     raise AssertionError("workflow did not finish: " + (base / "server.log").read_text()[-3000:])
+
+
+def _run(url: str, base: Path, graph: dict) -> dict:
+    entry = _wait(url, base, _submit(url, graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    return entry["outputs"]
 
 
 def _saved(base: Path, outputs: dict, node: str) -> np.ndarray:
@@ -175,3 +195,67 @@ def test_ui_format_examples_run(server):
         graph = ui_to_api(json.loads((EXAMPLES / name).read_text()), info)
         assert graph == json.loads((EXAMPLES / name.replace(".workflow.", ".api.")).read_text()), name
         assert _run(url, base, graph)
+
+
+def test_interrupt_stops_a_tiled_decode_and_the_next_prompt_runs(server):
+    url, _, base = server
+    big = {"1": {"class_type": "VaePackLoader", "inputs": {"vae_name": "mini-vae-ldm.safetensors"}},
+           "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 2048, "height": 2048, "batch_size": 1}},
+           "3": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["2", 0], "vae": ["1", 0],
+                                                                  "tile_size": 128, "mode": "exact"}},
+           "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "interrupted"}}}
+    small = dict(big, **{"2": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128,
+                                                                             "batch_size": 1}}})
+    assert _run(url, base, small)["4"]["images"]  # the loader's output is now cached: the big run starts decoding
+    pid = _submit(url, big)
+    for _ in range(200):  # wait until it runs, then give it a moment to be inside the tiled decode (~10 s long)
+        if any(item[1] == pid for item in _get(f"{url}/queue")["queue_running"]):
+            break
+        time.sleep(0.1)
+    time.sleep(3)
+    _post(f"{url}/interrupt", {})
+    entry = _wait(url, base, pid)
+    assert entry["status"]["status_str"] == "error", json.dumps(entry["status"])[:2000]
+    kinds = {m[0]: m[1] for m in entry["status"]["messages"]}
+    assert "execution_interrupted" in kinds, kinds
+    assert kinds["execution_interrupted"]["node_type"] == "VaePackDecodeTiled"
+    assert entry["outputs"] == {}  # nothing saved
+    small["2"]["inputs"]["width"] = 192
+    assert _run(url, base, small)["4"]["images"]  # the server goes on
+
+
+def test_unknown_vae_from_core_loader_falls_back_with_a_note(server):
+    url, _, base = server
+    graph = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-taesd.safetensors"}},
+             "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+             "3": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["2", 0], "vae": ["1", 0],
+                                                                    "tile_size": 128, "mode": "exact"}},
+             "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "taesd"}},
+             "5": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}},
+             "6": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "7": {"class_type": "VaePackEncodeTiled", "inputs": {"pixels": ["6", 0], "vae": ["1", 0],
+                                                                    "tile_size": 256, "mode": "exact"}},
+             "8": {"class_type": "PreviewAny", "inputs": {"source": ["7", 1]}}}
+    seen = len((base / "server.log").read_text())
+    outputs = _run(url, base, graph)
+    assert "ComfyUI's own tiled decode" in outputs["5"]["text"][0], outputs["5"]
+    assert "ComfyUI's own tiled encode" in outputs["8"]["text"][0], outputs["8"]
+    assert _saved(base, outputs, "4").shape == (256, 256, 3)
+    log = (base / "server.log").read_text()[seen:]  # this prompt's log: one line from us, no traceback
+    assert log.count("VAE Pack tiled decode: not an SD-family AutoencoderKL") == 1 and "Traceback" not in log, log
+
+
+def test_engine_runs_on_comfy_weights_through_model_management(tmp_path):
+    """In-process with ComfyUI's own modules (tests/comfy_real_probe.py): no second copy, model management."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    proc = subprocess.run([python, str(ROOT / "tests" / "comfy_real_probe.py"), COMFYUI, str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True, timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    probe = json.loads(line[6:])
+    assert probe["shared"]["all_shared"] and probe["shared"]["engine_params"] == probe["shared"]["comfy_params"]
+    assert probe["managed"], "ComfyUI's model management does not list the VAE after our tiled decode"
+    assert probe["core_decode_std"] > 0.05 and probe["max_diff_vs_core_decode"] < 1e-4, probe
+    assert "4 tiles" in probe["report"], probe["report"]
+    # Load VAE keeps one fp32 copy (335 MB for SD widths) and the tiled decode keeps nothing more
+    assert probe["rss"]["after_tiled_decode"] - probe["rss"]["after_load"] < 150, probe["rss"]

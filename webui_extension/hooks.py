@@ -1,7 +1,8 @@
 """Hooks on A1111's ``first_stage_model`` (ldm ``AutoencoderKL`` or sgm's wrapper; both have encoder/decoder).
 
-* :func:`engine_model` — a vae_core AutoencoderKL that shares A1111's Parameter objects (built on the meta device,
-  then the parameters are assigned), so it costs no memory and follows ``load_state_dict`` and ``.to()``.
+* :func:`engine` — the vae_core engine on A1111's own tensors (:class:`vae_core.attach.HostEngine`: a meta-device
+  skeleton pointed at the first stage's current parameters for each call), so it costs no memory and follows
+  ``load_state_dict`` and ``.to()``.
 * :func:`install_tiled` / :func:`restore_tiled` — swap ``encoder.forward``/``decoder.forward`` for the vae_core
   tiled engine during processing, and put back exactly what was there.
 * :func:`install_guard` — whole-tensor NaN check on ``first_stage_model.encode``/``decode``; retries in bf16 (where
@@ -18,36 +19,24 @@ import torch
 from torch import nn
 
 from vae_core import tiling
-from vae_core.convert import infer_config
-from vae_core.model import AutoencoderKL
+from vae_core.attach import HostEngine
 from vae_core.precision import GuardState, fp16_fix_model, guarded
 
 log = logging.getLogger(__name__)
 
-_ENGINES: "weakref.WeakKeyDictionary[nn.Module, AutoencoderKL]" = weakref.WeakKeyDictionary()
-_VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, HostEngine]" = weakref.WeakKeyDictionary()
 
 
 def _norms(module: nn.Module) -> dict[str, nn.GroupNorm]:
     return {n: m for n, m in module.named_modules() if isinstance(m, nn.GroupNorm)}
 
 
-def engine_model(fsm: nn.Module) -> AutoencoderKL:
-    """vae_core model sharing ``fsm``'s parameters (rebuilt if A1111 replaced a Parameter object)."""
-    params = {k: v for k, v in fsm.named_parameters() if k.startswith(_VAE_KEYS)}
-    model = _ENGINES.get(fsm)
-    if model is None or any(p is not params.get(k) for k, p in model.named_parameters()):
-        with torch.device("meta"):
-            model = AutoencoderKL(infer_config(params, "first_stage_model")).eval()
-        for key in dict(model.named_parameters()):
-            owner, leaf = model.get_submodule(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1]
-            owner._parameters[leaf] = params[key]
-        _ENGINES[fsm] = model
-    theirs = _norms(fsm)
-    for name, m in _norms(model).items():
-        if name in theirs:
-            m.eps = theirs[name].eps
-    return model
+def engine(fsm: nn.Module) -> HostEngine:
+    """The vae_core engine on ``fsm``'s own parameters (one per first-stage module; it re-reads them per call)."""
+    found = _ENGINES.get(fsm)
+    if found is None:
+        found = _ENGINES[fsm] = HostEngine(fsm, name=f"A1111 first stage ({type(fsm).__name__})")
+    return found
 
 
 def install_tiled(fsm: nn.Module, encoder_tile: Any, decoder_tile: Any, mode: str,
@@ -58,11 +47,13 @@ def install_tiled(fsm: nn.Module, encoder_tile: Any, decoder_tile: Any, mode: st
 
     def encoder_forward(x: torch.Tensor) -> torch.Tensor:
         opts = tiling.TileOptions(tile=encoder_tile or "auto", mode=mode, cancel=cancel)
-        return tiling.encoder_forward(engine_model(fsm), x, opts)
+        with engine(fsm).attached() as vae:
+            return tiling.encoder_forward(vae.model, x, opts)
 
-    def decoder_forward(z: torch.Tensor, **_: Any) -> torch.Tensor:
+    def decoder_forward(z: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
         opts = tiling.TileOptions(tile=decoder_tile or "auto", mode=mode, cancel=cancel)
-        return tiling.decoder_forward(engine_model(fsm), z, opts)
+        with engine(fsm).attached() as vae:
+            return tiling.decoder_forward(vae.model, z, opts)
 
     fsm.encoder.forward = encoder_forward
     fsm.decoder.forward = decoder_forward
@@ -138,16 +129,13 @@ def apply_fp16_fix(fsm: nn.Module) -> Optional[tuple[float, float]]:
         return None
     for m in norms.values():
         m.eps = m._vae_pack_eps0
-    model = engine_model(fsm)
-    fixed, before, after = fp16_fix_model(model)
-    with torch.no_grad():
+    host = engine(fsm)
+    with host.attached() as vae, torch.no_grad():
+        fixed, before, after = fp16_fix_model(vae.model)
         mine = dict(fixed.named_parameters())
-        for key, p in model.named_parameters():
+        for key, p in vae.model.named_parameters():  # aliases of A1111's tensors: written in place
             p.copy_(mine[key].to(p.dtype))
-    fixed_norms = _norms(fixed)
-    for name, m in norms.items():
-        if name in fixed_norms:
-            m.eps = fixed_norms[name].eps
+    host.set_host_eps(fixed)
     fsm._vae_pack_fixed = _checksum(fsm)
     log.info("VAE pack fp16 fix: largest activation %.4g -> %.4g", before, after)
     return before, after

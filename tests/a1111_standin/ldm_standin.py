@@ -1,8 +1,9 @@
-"""An ldm-like first-stage model for the A1111 stand-in: LDM parameter names, posterior from encode."""
+"""A first-stage model for the A1111 stand-in, from an independent implementation: diffusers' AutoencoderKL (its
+``encoder``/``decoder``/``quant_conv``/``post_quant_conv`` play ldm's), loading LDM state dicts strictly through
+diffusers' own converter (tests/diffusers_host.py), with ldm's ``encode`` → posterior and ``decode`` conventions."""
 import torch
-from torch import nn
 
-from vae_core.model import Decoder, Encoder, ModelConfig
+from diffusers_host import HostAutoencoderKL
 
 
 class DiagonalGaussianDistribution:
@@ -14,13 +15,7 @@ class DiagonalGaussianDistribution:
         return self.mean + torch.exp(0.5 * self.logvar.clamp(-30, 20)) * torch.randn_like(self.mean)
 
 
-class FirstStageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-
+class FirstStageModel(HostAutoencoderKL):
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
@@ -28,11 +23,19 @@ class FirstStageModel(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
+def first_stage(widths: list[int], num_res_blocks: int, latent_channels: int = 4) -> FirstStageModel:
+    n = len(widths)
+    return FirstStageModel(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                           up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(widths),
+                           layers_per_block=num_res_blocks, latent_channels=latent_channels,
+                           norm_num_groups=32).eval().requires_grad_(False)
+
+
 class SdModel:
     """What processing needs of ``shared.sd_model``: first_stage_model, checkpoint info, decode_first_stage."""
 
-    def __init__(self, cfg: ModelConfig):
-        self.first_stage_model = FirstStageModel(cfg).eval().requires_grad_(False)
+    def __init__(self, widths: list[int], num_res_blocks: int):
+        self.first_stage_model = first_stage(widths, num_res_blocks)
         self.sd_checkpoint_info = object()
         self.scale_factor = 0.18215
 

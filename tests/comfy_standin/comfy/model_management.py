@@ -35,6 +35,23 @@ def free_memory(memory_required, device, keep_loaded=()):
     freed.append(int(memory_required))
 
 
+#: (patchers, memory_required, force_full_load) of every load_models_gpu call, for the tests
+load_calls: list = []
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False):
+    load_calls.append((list(models), int(memory_required), bool(force_full_load)))
+    for patcher in models:
+        patcher.model.to(patcher.load_device)
+
+
+def dtype_size(dtype):
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def should_use_bf16(device=None, **kw):
     return False
 

@@ -1,29 +1,32 @@
-"""Stand-in for ``comfy.sd.VAE`` (tests only): same constructor and call conventions; the LDM network comes from
-vae_core's model, whose parameter names are ComfyUI's LDM names."""
+"""Stand-in for ``comfy.sd.VAE`` (tests only): ComfyUI's constructor and call conventions around a network from an
+independent implementation, diffusers (``AutoencoderKL`` from an LDM or diffusers state dict, converted by diffusers'
+own converter; ``AutoencoderTiny`` for TAESD's ``taesd_encoder.``/``taesd_decoder.`` keys), never vae_core's."""
 import torch
 
-from vae_core.convert import infer_config
-from vae_core.model import AutoencoderKL, ModelConfig
+from comfy import model_management
+from comfy.model_patcher import ModelPatcher
+from diffusers_host import host_vae, tiny_from_taesd
+
+_SD_WIDTHS = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2)  # what ComfyUI assumes without a config
 
 
 class VAE:
     def __init__(self, sd=None, device=None, config=None, dtype=None, metadata=None):
-        if "decoder.up_blocks.0.resnets.0.norm1.weight" in sd:
-            raise NotImplementedError("stand-in: diffusers keys are converted by the real ComfyUI only")
-        inferred = infer_config(sd)
-        if config is None and inferred.ch != 128:
-            raise RuntimeError("stand-in: like ComfyUI, a config-less VAE is built with SD's widths (ch 128)")
-        if config is not None:
-            dd = config["params"]["ddconfig"]
-            inferred = ModelConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-                                   z_channels=dd["z_channels"], embed_dim=config["params"]["embed_dim"])
-        self.first_stage_model = AutoencoderKL(inferred).eval()
-        self.first_stage_model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+        self.tiny = "taesd_decoder.1.weight" in sd
+        if self.tiny:
+            self.first_stage_model = tiny_from_taesd(sd)
+            self.latent_channels = int(sd["taesd_decoder.1.weight"].shape[1])
+        else:
+            widths = dict(_SD_WIDTHS)
+            if config is not None:
+                dd = config["params"]["ddconfig"]
+                widths = dict(ch=dd["ch"], ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"])
+            self.first_stage_model = host_vae(sd, **widths)  # raises on a width mismatch, like ComfyUI's load
+            self.latent_channels = self.first_stage_model.config.latent_channels
         self.downscale_ratio = self.upscale_ratio = 8
-        self.latent_channels = self.first_stage_model.config.latent_channels
         self.latent_dim = 2
         self.output_channels = 3
-        self.device = torch.device("cpu") if device is None else device
+        self.device = device if device is not None else model_management.vae_device()
         self.vae_dtype = dtype or torch.float32
         self.output_device = torch.device("cpu")
         self.working_dtypes = [torch.bfloat16, torch.float32]
@@ -31,6 +34,9 @@ class VAE:
         self.process_input = lambda image: image * 2.0 - 1.0
         self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
         self.first_stage_model.to(self.vae_dtype)
+        self.patcher = ModelPatcher(self.first_stage_model, load_device=self.device,
+                                    offload_device=model_management.vae_offload_device())
+        self.tiled_calls = []
 
     def throw_exception_if_invalid(self):
         if self.first_stage_model is None:
@@ -42,15 +48,33 @@ class VAE:
     def spacial_compression_encode(self):
         return self.downscale_ratio
 
-    def decode(self, samples_in, vae_options={}):
+    def _decode(self, z):
+        model_management.load_models_gpu([self.patcher], memory_required=1)
         with torch.no_grad():
-            out = self.first_stage_model.decode(samples_in.to(self.device, self.vae_dtype)).float()
+            out = self.first_stage_model.decode(z.to(self.device, self.vae_dtype)).sample.float()
         return self.process_output(out).movedim(1, -1).to(self.output_device)
 
-    def encode(self, pixel_samples):
+    def _encode(self, pixel_samples):
+        model_management.load_models_gpu([self.patcher], memory_required=1)
         x = self.process_input(pixel_samples[..., :3]).movedim(-1, 1).to(self.device, self.vae_dtype)
         with torch.no_grad():
-            return self.first_stage_model.encode(x).float().to(self.output_device)
+            out = self.first_stage_model.encode(x)
+        z = out.latents if self.tiny else out.latent_dist.mean
+        return z.float().to(self.output_device)
+
+    def decode(self, samples_in, vae_options={}):
+        return self._decode(samples_in)
+
+    def encode(self, pixel_samples):
+        return self._encode(pixel_samples)
+
+    def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+        self.tiled_calls.append(("decode", tile_x, tile_y, overlap))  # stand-in: untiled, records the arguments
+        return self._decode(samples)
+
+    def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+        self.tiled_calls.append(("encode", tile_x, tile_y, overlap))
+        return self._encode(pixel_samples)
 
     def get_sd(self):
         return self.first_stage_model.state_dict()

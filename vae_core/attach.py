@@ -1,0 +1,135 @@
+"""Run the vae_core engine on a host's own VAE module, without a second copy of its weights.
+
+A host (ComfyUI, A1111, a diffusers pipeline) already holds the VAE as an ``nn.Module`` whose parameters are named in
+the LDM layout (ComfyUI, A1111's ``first_stage_model``) or the diffusers layout (``diffusers.AutoencoderKL``), bare
+or under a prefix. :class:`HostEngine` builds a vae_core :class:`~vae_core.model.AutoencoderKL` *skeleton* on the
+meta device once, and for each call points its parameters at the host's current tensors (aliases: same storage;
+diffusers' Linear attention weights ``[C, C]`` are viewed as ``[C, C, 1, 1]``), copying the GroupNorm eps too (an
+fp16 fix changes them). After the call the skeleton is emptied again, so it never keeps a host tensor alive (the host
+may move or free its weights between calls) and never costs memory of its own::
+
+    engine = HostEngine(host_vae_module, name="ComfyUI VAE")
+    with engine.attached() as vae:          # a vae_core.Vae on the host's device and dtype
+        images = vae.decode(z, tile=512)
+
+The engine never changes the host's tensors itself: a dtype fallback of the NaN guard casts the skeleton's aliases
+(a temporary copy for that call), not the host module. Writing into ``vae.model``'s parameters in place (as the
+A1111 fp16 fix does with ``copy_``) does write into the host's storage.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .convert import infer_config, to_ldm
+from .errors import VaeLoadError
+from .families import resolve_family
+from .loading import check_tensors
+from .model import AutoencoderKL, count_parameters
+from .vae import Vae, VaeInfo
+
+__all__ = ["HostEngine"]
+
+log = logging.getLogger(__name__)
+
+
+def _host_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach() for k, p in module.named_parameters()}
+
+
+class HostEngine:
+    """A vae_core :class:`Vae` that runs on ``module``'s own parameters.
+
+    Args:
+        module: the host's VAE module (LDM or diffusers parameter names, bare or under ``first_stage_model.``/
+            ``vae.``; other parameters, e.g. a loss network, are ignored).
+        name: how errors and ``info.path`` name it (e.g. ``"ComfyUI VAE"``).
+    Raises:
+        VaeLoadError: the module holds no SD-family AutoencoderKL (e.g. TAESD, a video VAE), naming what it found.
+    """
+
+    def __init__(self, module: nn.Module, name: str = "host VAE") -> None:
+        self.name = name
+        self._module = weakref.ref(module)
+        self._build(module)
+
+    def _build(self, module: nn.Module) -> None:
+        tensors = _host_tensors(module)
+        # Trace each LDM key back to its host key: convert meta stand-ins and follow views to their base.
+        stand_ins = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
+        owner = {id(t): k for k, t in stand_ins.items()}
+        ldm, layout = to_ldm(stand_ins, self.name)
+        self._sources: dict[str, tuple[str, torch.Size]] = {}
+        for key, t in ldm.items():
+            src = owner.get(id(t if t._base is None else t._base))
+            if src is None:  # cannot happen with to_ldm's renames and views; refuse rather than guess
+                raise RuntimeError(f"{self.name}: {key!r} is not a view of a host parameter")
+            self._sources[key] = (src, t.shape)
+        check_tensors({k: tensors[src].reshape(shape) for k, (src, shape) in self._sources.items()}, self.name)
+        cfg = infer_config(ldm, self.name)
+        with torch.device("meta"):
+            model = AutoencoderKL(cfg).eval().requires_grad_(False)
+        expected = {k: p.shape for k, p in model.named_parameters()}
+        got = {k: shape for k, (_, shape) in self._sources.items()}
+        if expected != got:
+            missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+            bad = [k for k in set(expected) & set(got) if expected[k] != got[k]]
+            raise VaeLoadError(self.name, f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]} "
+                               f"and {len(bad)} mis-shaped {sorted(bad)[:3]} parameters for an AutoencoderKL with "
+                               f"{cfg.ch_mult} levels × {cfg.num_res_blocks} blocks",
+                               "exactly the parameters of an SD-family AutoencoderKL")
+        fam, scale, shift, sources = resolve_family(cfg.latent_channels)
+        info = VaeInfo(path=self.name, container="host module", layout=layout.layout, prefix=layout.prefix,
+                       family=fam, latent_channels=cfg.latent_channels, scaling_factor=scale, shift_factor=shift,
+                       stored_dtype=str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+                       parameters=count_parameters(model), config=cfg, sources=sources)
+        self.vae = Vae(model, info)
+        self._slots = {k: (model.get_submodule(k.rpartition(".")[0]), k.rpartition(".")[2]) for k in expected}
+        self._empty = dict(model.named_parameters())
+        self._signature = {k: v.shape for k, v in tensors.items()}
+        # GroupNorm eps: host module name -> skeleton module name (module of a mapped weight)
+        self._norms = {src.rpartition(".")[0]: key.rpartition(".")[0] for key, (src, _) in self._sources.items()
+                       if isinstance(model.get_submodule(key.rpartition(".")[0]), nn.GroupNorm)}
+
+    @contextmanager
+    def attached(self) -> Iterator[Vae]:
+        """Yield :attr:`vae` with its parameters pointing at the host module's current tensors (re-read if the host
+        changed their names or shapes since), emptied again on exit."""
+        module = self._module()
+        if module is None:
+            raise VaeLoadError(self.name, "a host module that was freed", "the module this engine was built on")
+        tensors = _host_tensors(module)
+        if {k: v.shape for k, v in tensors.items()} != self._signature:
+            log.info("%s: the host replaced its VAE parameters; re-reading their layout", self.name)
+            guard = self.vae.guard
+            self._build(module)
+            self.vae.guard = guard
+        for key, (src, shape) in self._sources.items():
+            owner, leaf = self._slots[key]
+            owner._parameters[leaf] = nn.Parameter(tensors[src].reshape(shape), requires_grad=False)
+        host_modules = dict(module.named_modules())
+        for host_name, mine in self._norms.items():
+            if hasattr(host_modules.get(host_name), "eps"):
+                self.vae.model.get_submodule(mine).eps = host_modules[host_name].eps
+        try:
+            yield self.vae
+        finally:
+            for key, p in self._empty.items():
+                owner, leaf = self._slots[key]
+                owner._parameters[leaf] = p
+
+    def set_host_eps(self, model: AutoencoderKL) -> None:
+        """Give the host module's GroupNorms the eps of ``model``'s (a vae_core model of the same config, e.g. after
+        an fp16 fix, which changes eps with the weights), matching them by the host's own names."""
+        module = self._module()
+        if module is None:
+            raise VaeLoadError(self.name, "a host module that was freed", "the module this engine was built on")
+        host_modules = dict(module.named_modules())
+        for host_name, mine in self._norms.items():
+            if host_name in host_modules:
+                host_modules[host_name].eps = model.get_submodule(mine).eps
