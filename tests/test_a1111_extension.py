@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import shutil
 import sys
+import types
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import vae_core
 from vae_core.images import psnr
+from vae_core.tiling import Cancelled
 from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT
 
 STANDIN = ROOT / "tests" / "a1111_standin"
@@ -149,6 +151,38 @@ def test_tiled_hooks_install_and_restore(a1111, image_512):
     assert torch.equal(sd_model.decode_first_stage(z), ref)  # restored: the original forward again
     script.process(p, False, 128, 128, "exact")  # disabled: nothing installed
     assert "forward" not in fsm.decoder.__dict__
+
+
+class _InterruptedAfter:
+    """A stand-in ``shared.state`` whose ``interrupted`` turns true after ``reads`` reads."""
+
+    def __init__(self, reads: int) -> None:
+        self.reads = reads
+
+    @property
+    def interrupted(self) -> bool:
+        self.reads -= 1
+        return self.reads < 0
+
+
+def test_interrupt_pending_before_a_tiled_call_does_not_cancel_it(a1111, monkeypatch):
+    """A1111's Interrupt stops sampling, then still decodes what it has: a tiled decode that starts interrupted runs
+    to the end (it raised Cancelled, failing the job, found with the real server); an interrupt that comes during
+    the call still stops it."""
+    sd_model, shared = a1111["sd_model"], a1111["shared"]
+    a1111["sd_vae"].reload_vae_weights(sd_model, a1111["sd_vae"].vae_dict["mini-ldm.safetensors"])
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = sd_model.decode_first_stage(z)
+    script, p = _processing(a1111)
+    script.process(p, True, 64, 64, "exact")
+    try:
+        monkeypatch.setattr(shared, "state", types.SimpleNamespace(interrupted=True))
+        assert (sd_model.decode_first_stage(z) - ref).abs().max() < 1e-3
+        monkeypatch.setattr(shared, "state", _InterruptedAfter(1))  # clear at the start, set at the next check
+        with pytest.raises(Cancelled):
+            sd_model.decode_first_stage(z)
+    finally:
+        script.postprocess(p, None)
 
 
 def test_nan_guard_checks_whole_tensor_and_retries(a1111, caplog):

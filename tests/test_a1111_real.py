@@ -38,7 +38,8 @@ def probe(tmp_path_factory):
     save_file({f"first_stage_model.{k}": v for k, v in ldm.items()}, str(vae_dir / "full-checkpoint.safetensors"))
     python = os.environ.get("A1111_PYTHON", sys.executable)
     proc = subprocess.run([python, str(ROOT / "tests" / "a1111_real_probe.py"), A1111, str(data), str(MINI_LDM)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))  # no __pycache__ in the A1111 tree
     line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(line[6:])

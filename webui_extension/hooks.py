@@ -39,19 +39,32 @@ def engine(fsm: nn.Module) -> HostEngine:
     return found
 
 
+def _raised_during_call(cancel: Optional[Callable[[], object]]) -> Optional[Callable[[], bool]]:
+    """``cancel`` for one VAE call, ignoring an interrupt that was already pending when the call started.
+
+    A1111's Interrupt stops the sampler and then still decodes (and for img2img/hires, encodes) what it has, so a
+    call that starts interrupted must run to the end, as A1111's own VAE call would; an interrupt pressed during a
+    long tiled call stops it between tiles."""
+    if cancel is None:
+        return None
+    pending = bool(cancel())
+    return lambda: not pending and bool(cancel())
+
+
 def install_tiled(fsm: nn.Module, encoder_tile: Any, decoder_tile: Any, mode: str,
                   cancel: Optional[Callable[[], object]] = None) -> None:
-    """Route ``fsm.encoder``/``fsm.decoder`` forwards through the vae_core engine (``tile`` 0 → "auto")."""
+    """Route ``fsm.encoder``/``fsm.decoder`` forwards through the vae_core engine (``tile`` 0 → "auto").
+    ``cancel`` (A1111's interrupt flag) stops a call only when it turns true during that call."""
     restore_tiled(fsm)
     saved = {part: getattr(fsm, part).__dict__.get("forward") for part in ("encoder", "decoder")}
 
     def encoder_forward(x: torch.Tensor) -> torch.Tensor:
-        opts = tiling.TileOptions(tile=encoder_tile or "auto", mode=mode, cancel=cancel)
+        opts = tiling.TileOptions(tile=encoder_tile or "auto", mode=mode, cancel=_raised_during_call(cancel))
         with engine(fsm).attached() as vae:
             return tiling.encoder_forward(vae.model, x, opts)
 
     def decoder_forward(z: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
-        opts = tiling.TileOptions(tile=decoder_tile or "auto", mode=mode, cancel=cancel)
+        opts = tiling.TileOptions(tile=decoder_tile or "auto", mode=mode, cancel=_raised_during_call(cancel))
         with engine(fsm).attached() as vae:
             return tiling.decoder_forward(vae.model, z, opts)
 
