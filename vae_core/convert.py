@@ -16,11 +16,11 @@ from typing import Mapping, Optional
 
 import torch
 
-from .errors import VaeLoadError
+from .errors import VaeInputError, VaeLoadError
 from .model import ModelConfig
 
 __all__ = ["Layout", "detect_layout", "extract_vae", "to_ldm", "diffusers_to_ldm", "ldm_to_diffusers", "infer_config",
-           "check_bounds", "MAX_LEVELS", "MAX_BLOCKS"]
+           "check_bounds", "nest_flux2", "MAX_LEVELS", "MAX_BLOCKS"]
 
 PREFIXES = ("", "first_stage_model.", "vae.")
 _LDM_MARK = ("encoder.conv_in.weight", "decoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight")
@@ -75,9 +75,38 @@ def extract_vae(sd: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, tor
         name = k[n:]
         if name.startswith("loss") or name in _IGNORED:
             continue
-        if layout.prefix == "" and not name.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
+        if layout.prefix == "" and not name.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.",
+                                                         "bn.")):
             continue
         out[name] = v
+    return _flatten_flux2(out)
+
+
+#: Flux.2's original (BFL) layout nests the 1×1 quant convs in the encoder/decoder; diffusers and this package keep
+#: them at the top level, as SD's LDM layout does. ``bn.num_batches_tracked`` is training bookkeeping.
+_NESTED = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
+
+
+def _flatten_flux2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k == "bn.num_batches_tracked":
+            continue
+        for nested, flat in _NESTED.items():
+            if k.startswith(nested):
+                k = flat + k[len(nested):]
+        out[k] = v
+    return out
+
+
+def nest_flux2(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Top-level quant convs → Flux.2's original nested names (for saving a Flux.2 VAE in its own layout)."""
+    out = {}
+    for k, v in sd.items():
+        for nested, flat in _NESTED.items():
+            if k.startswith(flat):
+                k = nested + k[len(flat):]
+        out[k] = v
     return out
 
 
@@ -214,6 +243,12 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
     if not widths or any(w <= 0 or w % ch for w in widths):
         raise VaeLoadError(path, f"encoder level widths {widths} for conv_in width {ch}",
                            "level widths that are multiples of the conv_in width")
+    dec_top = int(_shape(sd, "decoder.conv_in.weight", path)[0])  # the decoder's widest level
+    mult = [w // ch for w in widths]
+    if dec_top % mult[-1]:
+        raise VaeLoadError(path, f"decoder.conv_in with {dec_top} output channels for level multipliers {mult}",
+                           f"a multiple of {mult[-1]}")
+    decoder_ch = dec_top // mult[-1]
     num_res = _levels(sd, r"encoder\.down\.0\.block\.(\d+)\.")
     dec_in = _shape(sd, "decoder.conv_in.weight", path)
     z = int(dec_in[1])
@@ -225,18 +260,37 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
     embed = int(sd["quant_conv.weight"].shape[0]) // 2 if use_quant else z
     out_channels = int(_shape(sd, "decoder.conv_out.weight", path)[0])
     groups = norm_groups or 32
-    if any(w % groups for w in widths):
-        raise VaeLoadError(path, f"channel widths {widths}, not divisible by {groups} GroupNorm groups",
+    all_widths = widths + [decoder_ch * m for m in mult]
+    if any(w % groups for w in all_widths):
+        raise VaeLoadError(path, f"channel widths {all_widths}, not divisible by {groups} GroupNorm groups",
                            "widths divisible by the group count (give a diffusers config.json with "
                            "norm_num_groups for unusual widths)")
-    return ModelConfig(ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=num_res, z_channels=z,
-                       embed_dim=embed, use_quant_conv=use_quant, in_channels=in_channels,
-                       out_channels=out_channels, norm_groups=groups)
+    latent = embed if use_quant else z
+    bn = [k for k in ("bn.running_mean", "bn.running_var") if k in sd]
+    if len(bn) == 1:
+        raise VaeLoadError(path, f"only {bn[0]!r} of Flux.2's latent BatchNorm statistics",
+                           "both bn.running_mean and bn.running_var")
+    if bn and any(tuple(sd[k].shape) != (4 * latent,) for k in bn):
+        raise VaeLoadError(path, f"latent BatchNorm statistics of shape {tuple(sd[bn[0]].shape)} for {latent} latent "
+                           "channels", f"({4 * latent},): one per channel of the 2×2-patchified latents (Flux.2)")
+    return ModelConfig(ch=ch, ch_mult=tuple(mult), num_res_blocks=num_res, z_channels=z, embed_dim=embed,
+                       use_quant_conv=use_quant, in_channels=in_channels, out_channels=out_channels,
+                       norm_groups=groups, decoder_ch=None if decoder_ch == ch else decoder_ch,
+                       latent_bn=bool(bn))
 
 
 def diffusers_config(cfg: ModelConfig, scaling_factor: float, shift_factor: Optional[float]) -> dict:
-    """A diffusers ``config.json`` dict describing ``cfg`` (for :func:`vae_core.save_vae` folder output)."""
+    """A diffusers ``config.json`` dict describing ``cfg`` (for :func:`vae_core.save_vae` folder output):
+    ``AutoencoderKL``, or ``AutoencoderKLFlux2`` for a VAE with Flux.2's latent BatchNorm."""
     n = len(cfg.ch_mult)
+    extra: dict = {}
+    if cfg.latent_bn:
+        extra = {"_class_name": "AutoencoderKLFlux2", "decoder_block_out_channels": cfg.decoder_widths,
+                 "batch_norm_eps": cfg.bn_eps, "batch_norm_momentum": 0.1, "patch_size": [2, 2]}
+        scaling_factor, shift_factor = None, None  # Flux.2 normalises with the BatchNorm statistics instead
+    elif cfg.decoder_ch is not None:
+        raise VaeInputError(f"a VAE with decoder widths {cfg.decoder_widths} unlike its encoder's "
+                            f"{cfg.encoder_widths}; expected equal widths for diffusers' AutoencoderKL")
     return {
         "_class_name": "AutoencoderKL",
         "act_fn": "silu",
@@ -255,4 +309,4 @@ def diffusers_config(cfg: ModelConfig, scaling_factor: float, shift_factor: Opti
         "mid_block_add_attention": True,
         "use_quant_conv": cfg.use_quant_conv,
         "use_post_quant_conv": cfg.use_quant_conv,
-    }
+    } | extra

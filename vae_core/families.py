@@ -36,8 +36,11 @@ FAMILIES: dict[str, Family] = {
     "sdxl": Family("sdxl", 4, 0.13025, None, "Stable Diffusion XL"),
     "sd3": Family("sd3", 16, 1.5305, 0.0609, "Stable Diffusion 3"),
     "flux": Family("flux", 16, 0.3611, 0.1159, "Flux"),
+    # Flux.2 normalises its latents with BatchNorm statistics stored in the VAE (over 2×2-patchified latents), not
+    # with a scalar: scale 1 and no shift here; see Vae.scale_latents.
+    "flux2": Family("flux2", 32, 1.0, None, "Flux.2"),
 }
-_DEFAULT = {4: "sd1", 16: "flux"}
+_DEFAULT = {4: "sd1", 16: "flux", 32: "flux2"}
 
 
 def _by_value(scale: float, channels: int) -> str:
@@ -106,8 +109,10 @@ def resolve_family(latent_channels: int, *, family: Optional[str] = None, scalin
                    shift_factor: Optional[float] = None, config: Optional[Mapping] = None,
                    metadata: Optional[Mapping[str, str]] = None, checkpoint_keys: Iterable[str] = (),
                    path: Optional[Path] = None, config_path: Optional[Path] = None,
-                   metadata_path: Optional[Path] = None) -> tuple[str, float, Optional[float], dict[str, str]]:
-    """Decide family, scaling and shift factors.
+                   metadata_path: Optional[Path] = None, latent_bn: bool = False
+                   ) -> tuple[str, float, Optional[float], dict[str, str]]:
+    """Decide family, scaling and shift factors (``latent_bn``: the VAE holds Flux.2's latent BatchNorm statistics;
+    only such a VAE is ``flux2``, a 32-channel VAE without them is ``custom``).
 
     Returns:
         ``(family, scaling_factor, shift_factor, sources)`` where ``sources`` maps ``"family"``,
@@ -123,6 +128,9 @@ def resolve_family(latent_channels: int, *, family: Optional[str] = None, scalin
     if family is not None:
         if family not in FAMILIES:
             raise VaeInputError(f"family={family!r}: unknown; expected one of {sorted(FAMILIES)}")
+        if family == "flux2" and not latent_bn:
+            raise VaeInputError(f"family='flux2' for a VAE without latent BatchNorm statistics (bn.running_mean, "
+                                "bn.running_var); expected a Flux.2 VAE file that has them")
         if FAMILIES[family].latent_channels != latent_channels:
             raise VaeInputError(f"family={family!r} has {FAMILIES[family].latent_channels} latent channels, but this "
                                 f"VAE has {latent_channels}; expected a family with {latent_channels} channels")
@@ -168,10 +176,16 @@ def resolve_family(latent_channels: int, *, family: Optional[str] = None, scalin
         guess = _from_name(path, latent_channels)
         if guess:
             name, src = guess, f"file name hint ({path.name if path else ''})"
+    if name == "flux2" and not latent_bn:
+        log.warning("%s: ignoring family 'flux2' from %s: no latent BatchNorm statistics", path or "VAE", src)
+        name, src = None, f"{src} (ignored: no Flux.2 BatchNorm statistics)"
     if name is None:
         name = _DEFAULT.get(latent_channels, "custom")
         src = (f"default for {latent_channels}-channel VAEs (pass family= or scaling_factor= to override)"
                if name != "custom" else f"no known family has {latent_channels} latent channels")
+        if name == "flux2" and not latent_bn:
+            name, src = "custom", ("32 latent channels without Flux.2's latent BatchNorm statistics (bn.running_mean/"
+                                   "var): raw latents only")
     fam = FAMILIES.get(name)
     if scale is None:
         scale, s_src = (fam.scaling_factor, f"family {name}") if fam else (1.0, "none known; 1.0")

@@ -1,6 +1,7 @@
 """``load_vae`` and ``save_vae``: any supported file or folder in, a ready :class:`~vae_core.vae.Vae` out."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from .atomic import atomic_write, same_file
-from .convert import diffusers_config, infer_config, ldm_to_diffusers, to_ldm
+from .convert import diffusers_config, infer_config, ldm_to_diffusers, nest_flux2, to_ldm
 from .errors import VaeInputError, VaeLoadError
 from .families import check_factor, resolve_family
 from .formats import DIFFUSERS_NAMES, RawWeights, check_tensor_kinds, read_index, read_weights
@@ -48,19 +49,29 @@ def check_tensors(sd: dict[str, torch.Tensor], path: object) -> None:
         fail("NaN/inf values", bad, "finite weights (the file is corrupt or was saved from a diverged model)")
 
 
-def _check_config(raw: RawWeights) -> Optional[int]:
+_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2")
+
+
+def _check_config(raw: RawWeights) -> dict:
+    """Settings a diffusers ``config.json`` gives that shapes cannot: ``norm_groups`` and (Flux.2) ``bn_eps``."""
     cfg = raw.config
     if not cfg:
-        return None
+        return {}
     where = raw.weights_file.parent / "config.json"
-    if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise VaeLoadError(where, f"_class_name {cfg.get('_class_name')!r}", "'AutoencoderKL'")
+    if cfg.get("_class_name", "AutoencoderKL") not in _CLASSES:
+        raise VaeLoadError(where, f"_class_name {cfg.get('_class_name')!r}", f"one of {_CLASSES}")
     if cfg.get("act_fn", "silu") != "silu":
         raise VaeLoadError(where, f"act_fn {cfg.get('act_fn')!r}", "'silu'")
     if cfg.get("mid_block_add_attention", True) is False:
         raise VaeLoadError(where, "mid_block_add_attention false", "a mid block with attention (SD-family VAE)")
+    out: dict = {}
     groups = cfg.get("norm_num_groups")
-    return groups if isinstance(groups, int) and not isinstance(groups, bool) and 0 < groups <= 1024 else None
+    if isinstance(groups, int) and not isinstance(groups, bool) and 0 < groups <= 1024:
+        out["norm_groups"] = groups
+    eps = cfg.get("batch_norm_eps")
+    if eps is not None:
+        out["bn_eps"] = check_factor(eps, "batch_norm_eps", "config.json", positive=True, path=where)
+    return out
 
 
 def ldm_state_dict_from_file(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], RawWeights, str, str]:
@@ -95,15 +106,17 @@ def _build(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: object) -> Autoe
 
 
 def _assemble(sd: dict[str, torch.Tensor], *, where: object, path: object, container: str, layout: str,
-              prefix: str, all_keys, norm_groups: Optional[int], config: Optional[dict],
+              prefix: str, all_keys, settings: dict, config: Optional[dict],
               metadata: Optional[dict], weights_file: str, family_kw: dict,
               config_path: Optional[Path] = None) -> Vae:
     check_tensors(sd, where)
-    cfg = infer_config(sd, where, norm_groups)  # bounds levels/blocks before anything is built
+    cfg = infer_config(sd, where, settings.get("norm_groups"))  # bounds levels/blocks before anything is built
+    if "bn_eps" in settings:
+        cfg = dataclasses.replace(cfg, bn_eps=settings["bn_eps"])
     fam, scale, shift, sources = resolve_family(
         cfg.latent_channels, config=config, metadata=metadata, checkpoint_keys=all_keys if prefix else (),
         path=Path(path) if isinstance(path, (str, os.PathLike)) else None, config_path=config_path,
-        metadata_path=Path(weights_file) if weights_file else None, **family_kw)
+        metadata_path=Path(weights_file) if weights_file else None, latent_bn=cfg.latent_bn, **family_kw)
     model = _build(sd, cfg, where)
     stored = {str(v.dtype).replace("torch.", "") for v in sd.values()}
     info = VaeInfo(path=str(path), container=container, layout=layout, prefix=prefix, family=fam,
@@ -123,7 +136,8 @@ def vae_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "<state dict
     check_tensor_kinds(sd, name)
     vae_sd, layout = to_ldm(sd, name)
     return _assemble(vae_sd, where=name, path=name, container="state dict", layout=layout.layout,
-                     prefix=layout.prefix, all_keys=sd.keys(), norm_groups=norm_groups, config=None, metadata=None,
+                     prefix=layout.prefix, all_keys=sd.keys(), settings={"norm_groups": norm_groups} if norm_groups
+                     else {}, config=None, metadata=None,
                      weights_file="", family_kw=dict(family=family, scaling_factor=scaling_factor,
                                                      shift_factor=shift_factor))
 
@@ -145,7 +159,7 @@ def load_vae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
     """
     sd, raw, layout, prefix = ldm_state_dict_from_file(path)
     vae = _assemble(sd, where=raw.weights_file, path=path, container=raw.container, layout=layout, prefix=prefix,
-                    all_keys=raw.state_dict.keys(), norm_groups=_check_config(raw), config=raw.config,
+                    all_keys=raw.state_dict.keys(), settings=_check_config(raw), config=raw.config,
                     metadata=raw.metadata, weights_file=str(raw.weights_file),
                     family_kw=dict(family=family, scaling_factor=scaling_factor, shift_factor=shift_factor),
                     config_path=raw.weights_file.parent / "config.json" if raw.config is not None else None)
@@ -230,6 +244,10 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
     sd = {k: (v.to(target) if target else v).detach().to("cpu").contiguous() for k, v in vae.model.state_dict().items()}
     if layout == "diffusers":
         sd = {k: v.contiguous() for k, v in ldm_to_diffusers(sd).items()}
+    if vae.model.config.latent_bn:  # Flux.2: BatchNorm bookkeeping as in the originals; BFL nests the quant convs
+        sd["bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+        if layout == "ldm":
+            sd = nest_flux2(sd)
     meta = {"format": "pt", "vae_layout": layout, "family": info.family, "scaling_factor": repr(scale),
             "latent_channels": str(info.latent_channels)}
     if shift is not None:

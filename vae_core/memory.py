@@ -49,7 +49,7 @@ def free_memory(device: torch.device) -> int:
 def _elements_per_pixel(model: AutoencoderKL) -> float:
     """Peak live activation elements per full-resolution pixel (about 4 tensors of the widest stage)."""
     cfg = model.config
-    widths = [cfg.ch * m for m in cfg.ch_mult]
+    widths = [max(e, d) for e, d in zip(cfg.encoder_widths, cfg.decoder_widths)]
     return max(4 * max(widths[lvl], widths[min(lvl + 1, len(widths) - 1)]) / 4 ** lvl for lvl in range(len(widths)))
 
 

@@ -59,6 +59,9 @@ class ModelConfig:
         in_channels, out_channels: image channels (3).
         norm_groups: GroupNorm groups (32).
         norm_eps: GroupNorm epsilon (1e-6).
+        decoder_ch: first-level width of the decoder when it differs from the encoder's (Flux.2), else None.
+        latent_bn: Flux.2's latent normalisation: BatchNorm statistics (``bn.running_mean``/``running_var``, no
+            affine) over the latents patchified 2×2 (``4 × latent_channels`` channels); ``bn_eps`` its epsilon.
     """
 
     ch: int = 128
@@ -71,6 +74,17 @@ class ModelConfig:
     out_channels: int = 3
     norm_groups: int = 32
     norm_eps: float = 1e-6
+    decoder_ch: Optional[int] = None
+    latent_bn: bool = False
+    bn_eps: float = 1e-4
+
+    @property
+    def encoder_widths(self) -> list[int]:
+        return [self.ch * m for m in self.ch_mult]
+
+    @property
+    def decoder_widths(self) -> list[int]:
+        return [(self.decoder_ch or self.ch) * m for m in self.ch_mult]
 
     @property
     def latent_channels(self) -> int:
@@ -224,7 +238,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
+        widths = cfg.encoder_widths
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         down, cin = [], cfg.ch
         for i, cout in enumerate(widths):
@@ -256,7 +270,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
+        widths = cfg.decoder_widths
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(cfg, widths[-1])
         up, cin = [None] * len(widths), widths[-1]
@@ -289,9 +303,10 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if any(cfg.ch * m % cfg.norm_groups for m in cfg.ch_mult) or cfg.ch % cfg.norm_groups:
-            raise ValueError(f"ModelConfig: channel widths {[cfg.ch * m for m in cfg.ch_mult]} are not all "
-                             f"divisible by norm_groups={cfg.norm_groups}")
+        widths = cfg.encoder_widths + cfg.decoder_widths
+        if any(w % cfg.norm_groups for w in widths):
+            raise ValueError(f"ModelConfig: channel widths {widths} are not all divisible by "
+                             f"norm_groups={cfg.norm_groups}")
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
@@ -301,6 +316,7 @@ class AutoencoderKL(nn.Module):
         else:
             self.quant_conv = None
             self.post_quant_conv = None
+        self.bn = LatentNorm(4 * cfg.latent_channels, cfg.bn_eps) if cfg.latent_bn else None
 
     def moments_to_mean(self, moments: torch.Tensor) -> torch.Tensor:
         """Encoder moments ``[B, 2z, h, w]`` → posterior mean ``[B, latent_channels, h, w]`` (after quant_conv)."""
@@ -321,6 +337,37 @@ class AutoencoderKL(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+
+class LatentNorm(nn.Module):
+    """Flux.2's latent normalisation: raw latents ``[B, C, h, w]`` (h, w even) are patchified 2×2 to
+    ``[B, 4C, h/2, w/2]`` (channel ``4c + 2i + j`` holds pixel ``(2y+i, 2x+j)`` of channel ``c``) and standardised
+    with fixed BatchNorm statistics; that is the space the Flux.2 transformer works in. Buffers only (no affine)."""
+
+    def __init__(self, channels: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(self.running_var.view(1, -1, 1, 1) + self.eps).to(z.device, z.dtype)
+        return mean, std
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw ``[B, C, h, w]`` → normalised patchified ``[B, 4C, h/2, w/2]``."""
+        b, c, h, w = z.shape
+        z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised patchified ``[B, 4C, h, w]`` → raw ``[B, C, 2h, 2w]``."""
+        mean, std = self._stats(z)
+        z = z * std + mean
+        b, c4, h, w = z.shape
+        return z.view(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c4 // 4, 2 * h, 2 * w)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -148,11 +148,18 @@ class Vae:
 
     # -- latent scaling --------------------------------------------------------------------------------------
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents → diffusion-model space: ``(z - shift) * scale``."""
+        """Raw latents → diffusion-model space: ``(z - shift) * scale``; for Flux.2 (``config.latent_bn``) the
+        latents patchified 2×2 and standardised by the VAE's BatchNorm statistics: ``[B, C, h, w]`` →
+        ``[B, 4C, h/2, w/2]``."""
+        if self.model.bn is not None:
+            return self.model.bn.normalize(z)
         return (z - (self.info.shift_factor or 0.0)) * self.info.scaling_factor
 
     def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Diffusion-model space → raw latents: ``z / scale + shift``."""
+        """Diffusion-model space → raw latents: ``z / scale + shift``; for Flux.2 the inverse of the BatchNorm
+        standardisation and patchify (``[B, 4C, h, w]`` → ``[B, C, 2h, 2w]``)."""
+        if self.model.bn is not None:
+            return self.model.bn.denormalize(z)
         return z / self.info.scaling_factor + (self.info.shift_factor or 0.0)
 
     # -- encode / decode -------------------------------------------------------------------------------------
