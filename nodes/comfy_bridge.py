@@ -31,8 +31,60 @@ log = logging.getLogger(__name__)
 _ENGINES: "weakref.WeakKeyDictionary[Any, HostEngine]" = weakref.WeakKeyDictionary()
 
 
+class EngineFirstStage(torch.nn.Module):
+    """The first stage of an engine-backed ComfyUI VAE: vae_core's network under ComfyUI's latent convention. For
+    Flux.2 that is the normalised 2×2-patchified form (128 channels at 1/16 scale): ``encode`` = vae_core encode then
+    ``bn.normalize``, ``decode`` = ``bn.denormalize`` then decode; other families use raw latents. ``vae`` is the
+    vae_core network (the attribute name gives :class:`HostEngine` the ``vae.`` prefix it recognises)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = model
+        self.normalised_latents = getattr(model, "bn", None) is not None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(x)
+        return self.vae.bn.normalize(z) if self.normalised_latents else z
+
+    def decode(self, z: torch.Tensor, **_: Any) -> torch.Tensor:
+        return self.vae.decode(self.vae.bn.denormalize(z) if self.normalised_latents else z)
+
+
+def comfy_knows(vae: Vae) -> bool:
+    """Whether the running ComfyUI builds this VAE itself: SD-family kl-f8 always; Flux.2's (latent BatchNorm) only
+    in versions whose VAE loader knows ``bn.running_mean`` (v0.3.64 does not)."""
+    if not vae.model.config.latent_bn:
+        return vae.model.config.decoder_ch is None
+    return "bn.running_mean" in inspect.getsource(comfy.sd.VAE.__init__)
+
+
+def engine_vae(vae: Vae) -> Any:
+    """A ``comfy.sd.VAE`` (ComfyUI's own class, built by its own constructor on its trivial pixel-space branch, then
+    given our first stage) whose encode/decode run vae_core's network: for families the running ComfyUI predates.
+    Core VAE Decode/Encode, our tiled nodes and model management treat it like any VAE."""
+    import comfy.model_patcher
+
+    cvae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    first = EngineFirstStage(vae.model.to("cpu")).eval().requires_grad_(False).to(cvae.vae_dtype)
+    cvae.first_stage_model = first
+    cvae.patcher = comfy.model_patcher.ModelPatcher(first, load_device=cvae.device,
+                                                   offload_device=mm.vae_offload_device())
+    patch = 2 if first.normalised_latents else 1
+    cvae.downscale_ratio = cvae.upscale_ratio = patch * vae.model.config.downscale
+    cvae.latent_channels = patch * patch * vae.info.latent_channels
+    per_px = estimate_bytes(vae.model, 1, torch.float32) / 4
+    ratio = cvae.upscale_ratio ** 2
+    cvae.memory_used_decode = lambda shape, dtype: int(per_px * shape[2] * shape[3] * ratio * mm.dtype_size(dtype))
+    cvae.memory_used_encode = lambda shape, dtype: int(per_px * shape[2] * shape[3] * mm.dtype_size(dtype))
+    cvae.vae_pack_engine = True
+    return cvae
+
+
 def to_comfy_vae(vae: Vae) -> Any:
-    """A native ``comfy.sd.VAE`` with ``vae``'s weights (and its GroupNorm eps, which the fp16 fix changes)."""
+    """A ``comfy.sd.VAE`` with ``vae``'s weights: ComfyUI's own network where the running ComfyUI knows the family
+    (with our GroupNorm eps, which the fp16 fix changes), else :func:`engine_vae`."""
+    if not comfy_knows(vae):
+        return engine_vae(vae)
     sd = {k: v.detach().cpu() for k, v in vae.model.state_dict().items()}
     kwargs: dict[str, Any] = {"sd": sd, "config": comfy_config(vae)}
     if "metadata" in inspect.signature(comfy.sd.VAE.__init__).parameters:

@@ -99,8 +99,16 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pi
     progress, cancel = progress_and_cancel()
     tile = tile_size or "auto"
     report = TileReport()
-    out = run_engine(vae, lambda v: getattr(v, method)(t, tile=tile, mode=mode, progress=progress, cancel=cancel,
-                                                       report=report), pixels, tiled=tile != "auto")
+    normalised = getattr(vae.first_stage_model, "normalised_latents", False)  # Flux.2 on an engine-backed VAE
+
+    def call(v: Any) -> torch.Tensor:
+        kw = dict(tile=tile, mode=mode, progress=progress, cancel=cancel, report=report)
+        if method == "decode":
+            return v.decode(v.unscale_latents(t) if normalised else t, **kw)
+        z = v.encode(t, **kw)
+        return v.scale_latents(z) if normalised else z
+
+    out = run_engine(vae, call, pixels, tiled=tile != "auto")
     return out, f"{mode}: {describe(report, tile)}", True
 
 
@@ -124,7 +132,12 @@ class VaePackLoader:
         text = (f"{Path(i.path).name}: {i.family} ({i.sources['family']}), {i.latent_channels} latent channels, "
                 f"scaling {i.scaling_factor} ({i.sources['scaling_factor']}), shift {i.shift_factor}, "
                 f"{i.layout} keys in {i.container}{' under ' + repr(i.prefix) if i.prefix else ''}")
-        return to_comfy_vae(vae), text
+        cvae = to_comfy_vae(vae)
+        if getattr(cvae, "vae_pack_engine", False):
+            form = "normalised, 2×2-patchified" if cvae.first_stage_model.normalised_latents else "raw"
+            text += (f"; this ComfyUI does not build such VAEs itself: the VAE runs vae_core's network (latents: "
+                     f"{cvae.latent_channels} channels at 1/{cvae.spacial_compression_decode()}, {form})")
+        return cvae, text
 
 
 class VaePackDecodeTiled:
@@ -143,7 +156,8 @@ class VaePackDecodeTiled:
 
     def decode(self, samples: dict, vae: Any, tile_size: int, mode: str) -> tuple[torch.Tensor, str]:
         z = samples["samples"]
-        out, note, ran = _tiled(vae, "decode", z, tile_size, mode, z.shape[-1] * z.shape[-2] * 64 * z.shape[0],
+        pixels = z.shape[-1] * z.shape[-2] * int(vae.spacial_compression_decode()) ** 2 * z.shape[0]
+        out, note, ran = _tiled(vae, "decode", z, tile_size, mode, pixels,
                                 lambda: comfy_tiled(vae, "decode", z, tile_size))
         return (_to_image(out) if ran else out.float().cpu()), note
 

@@ -110,6 +110,23 @@ def test_bad_file_in_dropdown_raises_clear_error(a1111):
         a1111["sd_vae"].refresh_vae_list()
 
 
+def test_other_families_give_a_clear_error_on_selection(a1111, tmp_path):
+    """A1111's first stage is SD's kl-f8: a Flux.2 VAE in models/VAE is refused by name, not strict-load noise."""
+    from test_family_flux2 import _flux2
+
+    model = _flux2()
+    model.save_pretrained(tmp_path / "flux2")
+    path = a1111["vae_dir"] / "flux2-ae.safetensors"
+    vae_core.save_vae(vae_core.load_vae(tmp_path / "flux2"), path, layout="ldm")
+    try:
+        a1111["sd_vae"].refresh_vae_list()
+        with pytest.raises(vae_core.VaeLoadError, match="flux2-ae.safetensors: a Flux.2 VAE.*SD-family"):
+            a1111["sd_vae"].load_vae_dict(a1111["sd_vae"].vae_dict["flux2-ae.safetensors"], "cpu")
+    finally:
+        path.unlink()
+        a1111["sd_vae"].refresh_vae_list()
+
+
 def test_reload_ui_never_wraps_twice_and_uninstall_restores(a1111):
     sd_vae = a1111["sd_vae"]
     a1111["callbacks"].script_unloaded_callback()  # "Reload UI": unload, then import the scripts again

@@ -218,3 +218,37 @@ def test_tiled_nodes_fall_back_to_comfy_tiler_for_unknown_vae(comfy, caplog):
     assert image.shape == (1, 128, 128, 3) and (image - taesd.decode(z)).abs().max() < 1e-5
     latent, note = _node(comfy, "VaePackEncodeTiled").encode(_photo(64), taesd, 64, "exact")
     assert latent["samples"].shape == (1, 4, 8, 8) and "ComfyUI's own tiled encode" in note
+
+
+def test_flux2_vae_runs_on_the_engine_with_normalised_latents(comfy, tmp_path):
+    """ComfyUI v0.3.64 predates Flux.2: Load VAE returns a ComfyUI VAE object running vae_core's network with
+    Flux.2's normalised 2×2-patchified latents (128 ch at 1/16), which core VAE Decode/Encode and our tiled nodes use."""
+    import comfy.sd as csd
+    import folder_paths
+    from test_family_flux2 import _flux2
+
+    reference = _flux2()
+    reference.save_pretrained(tmp_path / "flux2")
+    vae_dir = folder_paths.folder_names_and_paths["vae"][0]
+    dest = __import__("pathlib").Path(vae_dir) / "flux2-ae.safetensors"
+    vae_core.save_vae(vae_core.load_vae(tmp_path / "flux2"), dest, layout="ldm")
+    try:
+        vae, info = _node(comfy, "VaePackLoader").load("flux2-ae.safetensors")
+    finally:
+        dest.unlink()
+    assert isinstance(vae, csd.VAE) and "flux2" in info and "runs vae_core's network" in info
+    assert vae.latent_channels == 128 and vae.spacial_compression_decode() == 8  # the test VAE is f4 (× 2 patch)
+    img = _photo(128)
+    z = vae.encode(img)  # core VAEEncode's call
+    with torch.no_grad():
+        raw = reference.encode(img.movedim(-1, 1) * 2 - 1).latent_dist.mean
+        mean = reference.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(reference.bn.running_var.view(1, -1, 1, 1) + reference.config.batch_norm_eps)
+        expected = (torch.nn.functional.pixel_unshuffle(raw, 2) - mean) / std
+        image_ref = ((reference.decode(raw).sample + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert z.shape == (1, 128, 16, 16) and (z - expected).abs().max() < 1e-4
+    assert (vae.decode(z) - image_ref).abs().max() < 1e-4  # core VAEDecode's call
+    image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, vae, 64, "exact")
+    assert (image - image_ref).abs().max() < 1e-4 and "tiles" in note
+    latent, _ = _node(comfy, "VaePackEncodeTiled").encode(img, vae, 64, "exact")
+    assert (latent["samples"] - expected).abs().max() < 1e-3

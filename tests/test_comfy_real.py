@@ -66,6 +66,10 @@ def server(tmp_path_factory):
     from safetensors.torch import save_file
 
     save_file(_taesd(), str(base / "models" / "vae" / "tiny-taesd.safetensors"))  # core loads it; vae_core cannot
+    from test_family_flux2 import _flux2
+
+    _flux2().save_pretrained(base / "flux2-diffusers")  # v0.3.64 predates Flux.2: our loader runs vae_core's network
+    vae_core.save_vae(vae_core.load_vae(base / "flux2-diffusers"), base / "models" / "vae" / "flux2-ae.safetensors")
     port = _port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     log = open(base / "server.log", "w")
@@ -259,3 +263,21 @@ def test_engine_runs_on_comfy_weights_through_model_management(tmp_path):
     assert "4 tiles" in probe["report"], probe["report"]
     # Load VAE keeps one fp32 copy (335 MB for SD widths) and the tiled decode keeps nothing more
     assert probe["rss"]["after_tiled_decode"] - probe["rss"]["after_load"] < 150, probe["rss"]
+
+
+def test_flux2_through_our_loader_into_core_and_tiled_nodes(server):
+    url, _, base = server
+    graph = {"1": {"class_type": "VaePackLoader", "inputs": {"vae_name": "flux2-ae.safetensors"}},
+             "2": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
+             "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+             "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "flux2-core"}},
+             "6": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["1", 0],
+                                                                    "tile_size": 256, "mode": "exact"}},
+             "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "flux2-tiled"}},
+             "8": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    outputs = _run(url, base, graph)
+    assert "flux2" in outputs["8"]["text"][0] and "runs vae_core's network" in outputs["8"]["text"][0]
+    direct = _direct_roundtrip(base / "models" / "vae" / "flux2-ae.safetensors")
+    for node in ("5", "7"):  # core VAE Encode/Decode, and our tiled decode, on the engine-backed VAE
+        assert np.abs(_saved(base, outputs, node) - direct).max() <= 2.0, node

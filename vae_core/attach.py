@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 
 
 def _host_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.detach() for k, p in module.named_parameters()}
+    """Parameters and buffers (Flux.2's latent BatchNorm statistics are buffers), detached aliases."""
+    out = {k: p.detach() for k, p in module.named_parameters()}
+    out.update({k: b.detach() for k, b in module.named_buffers() if not k.endswith("num_batches_tracked")})
+    return out
 
 
 class HostEngine:
@@ -74,7 +77,7 @@ class HostEngine:
         cfg = infer_config(ldm, self.name)
         with torch.device("meta"):
             model = AutoencoderKL(cfg).eval().requires_grad_(False)
-        expected = {k: p.shape for k, p in model.named_parameters()}
+        expected = {k: p.shape for k, p in list(model.named_parameters()) + list(model.named_buffers())}
         got = {k: shape for k, (_, shape) in self._sources.items()}
         if expected != got:
             missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
@@ -90,7 +93,8 @@ class HostEngine:
                        parameters=count_parameters(model), config=cfg, sources=sources)
         self.vae = Vae(model, info)
         self._slots = {k: (model.get_submodule(k.rpartition(".")[0]), k.rpartition(".")[2]) for k in expected}
-        self._empty = dict(model.named_parameters())
+        self._empty = dict(model.named_parameters()) | dict(model.named_buffers())
+        self._buffers = {k for k, _ in model.named_buffers()}
         self._signature = {k: v.shape for k, v in tensors.items()}
         # GroupNorm eps: host module name -> skeleton module name (module of a mapped weight)
         self._norms = {src.rpartition(".")[0]: key.rpartition(".")[0] for key, (src, _) in self._sources.items()
@@ -111,7 +115,10 @@ class HostEngine:
             self.vae.guard = guard
         for key, (src, shape) in self._sources.items():
             owner, leaf = self._slots[key]
-            owner._parameters[leaf] = nn.Parameter(tensors[src].reshape(shape), requires_grad=False)
+            if key in self._buffers:
+                owner._buffers[leaf] = tensors[src].reshape(shape)
+            else:
+                owner._parameters[leaf] = nn.Parameter(tensors[src].reshape(shape), requires_grad=False)
         host_modules = dict(module.named_modules())
         for host_name, mine in self._norms.items():
             if hasattr(host_modules.get(host_name), "eps"):
@@ -121,7 +128,7 @@ class HostEngine:
         finally:
             for key, p in self._empty.items():
                 owner, leaf = self._slots[key]
-                owner._parameters[leaf] = p
+                (owner._buffers if key in self._buffers else owner._parameters)[leaf] = p
 
     def set_host_eps(self, model: AutoencoderKL) -> None:
         """Give the host module's GroupNorms the eps of ``model``'s (a vae_core model of the same config, e.g. after

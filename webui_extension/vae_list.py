@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from vae_core.errors import VaeLoadError
 from vae_core.formats import DIFFUSERS_NAMES, find_diffusers_folder
 from vae_core.loading import ldm_state_dict_from_file
 from vae_core.walk import walk_model_dirs
@@ -73,6 +74,23 @@ def _unique(name: str, taken: dict) -> str:
     return f"{name} ({i})"
 
 
+def check_sd_family(sd: dict, filename: str) -> None:
+    """Refuse VAEs of families A1111's "SD VAE" setting cannot use (its first stages are SD's kl-f8 with 4 or 16
+    latent channels and equal encoder/decoder widths), with a message that says what the file is.
+
+    Raises:
+        VaeLoadError: e.g. a Flux.2 VAE (32 latent channels, latent BatchNorm statistics).
+    """
+    if "bn.running_mean" in sd or "bn.running_var" in sd:
+        raise VaeLoadError(filename, "a Flux.2 VAE (32 latent channels, latent BatchNorm statistics)",
+                           "an SD-family VAE (SD1/2, SDXL: 4 latent channels) for A1111's SD VAE setting; use Flux.2 "
+                           "VAEs with ComfyUI or `python -m vae_core`")
+    conv_in = sd.get("decoder.conv_in.weight")
+    if conv_in is not None and conv_in.ndim == 4 and int(conv_in.shape[1]) not in (4, 16):
+        raise VaeLoadError(filename, f"a VAE with {int(conv_in.shape[1])} latent channels",
+                           "4 (SD1/2, SDXL) or 16 (SD3) latent channels for A1111's SD VAE setting")
+
+
 def install(sd_vae: ModuleType) -> None:
     """Wrap ``sd_vae``'s functions (idempotent: always wraps the stored originals)."""
     orig: dict[str, Callable[..., Any]] = sd_vae.__dict__.setdefault(
@@ -97,6 +115,7 @@ def install(sd_vae: ModuleType) -> None:
     def load_vae_dict(filename: str, map_location: Any) -> dict:
         folder = _folder_of(filename)
         sd, raw, layout, prefix = ldm_state_dict_from_file(folder if folder is not None else filename)
+        check_sd_family(sd, filename)
         log.info("VAE pack: %s read as %s keys%s from %s", filename, layout, f" under {prefix!r}" if prefix else "",
                  raw.container)
         return {k: v.to(map_location) if map_location else v for k, v in sd.items()}

@@ -13,7 +13,10 @@ _SD_WIDTHS = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2)  # what ComfyU
 class VAE:
     def __init__(self, sd=None, device=None, config=None, dtype=None, metadata=None):
         self.tiny = "taesd_decoder.1.weight" in sd
-        if self.tiny:
+        if "pixel_space_vae" in sd:  # ComfyUI's trivial pixel-space VAE (identity)
+            self.first_stage_model = torch.nn.Identity()
+            self.latent_channels = 3
+        elif self.tiny:
             self.first_stage_model = tiny_from_taesd(sd)
             self.latent_channels = int(sd["taesd_decoder.1.weight"].shape[1])
         else:
@@ -51,7 +54,8 @@ class VAE:
     def _decode(self, z):
         model_management.load_models_gpu([self.patcher], memory_required=1)
         with torch.no_grad():
-            out = self.first_stage_model.decode(z.to(self.device, self.vae_dtype)).sample.float()
+            out = self.first_stage_model.decode(z.to(self.device, self.vae_dtype))
+        out = getattr(out, "sample", out).float()  # diffusers returns DecoderOutput, ComfyUI's networks a tensor
         return self.process_output(out).movedim(1, -1).to(self.output_device)
 
     def _encode(self, pixel_samples):
@@ -59,7 +63,7 @@ class VAE:
         x = self.process_input(pixel_samples[..., :3]).movedim(-1, 1).to(self.device, self.vae_dtype)
         with torch.no_grad():
             out = self.first_stage_model.encode(x)
-        z = out.latents if self.tiny else out.latent_dist.mean
+        z = out.latents if self.tiny else out.latent_dist.mean if hasattr(out, "latent_dist") else out
         return z.float().to(self.output_device)
 
     def decode(self, samples_in, vae_options={}):
