@@ -129,7 +129,7 @@ def resolve_family(latent_channels: int, *, family: Optional[str] = None, scalin
         if family not in FAMILIES:
             raise VaeInputError(f"family={family!r}: unknown; expected one of {sorted(FAMILIES)}")
         if family == "flux2" and not latent_bn:
-            raise VaeInputError(f"family='flux2' for a VAE without latent BatchNorm statistics (bn.running_mean, "
+            raise VaeInputError("family='flux2' for a VAE without latent BatchNorm statistics (bn.running_mean, "
                                 "bn.running_var); expected a Flux.2 VAE file that has them")
         if FAMILIES[family].latent_channels != latent_channels:
             raise VaeInputError(f"family={family!r} has {FAMILIES[family].latent_channels} latent channels, but this "
