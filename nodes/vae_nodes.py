@@ -63,10 +63,11 @@ def resolve(name: str) -> Path:
                        f"one of {list_vaes()[:6]}")
 
 
-def _to_model(images: torch.Tensor) -> torch.Tensor:
-    """IMAGE [B,H,W,C] 0..1 → [B,3,H,W] -1..1, centre-cropped to multiples of 8 like ComfyUI's own VAEEncode."""
-    h, w = images.shape[1] // 8 * 8, images.shape[2] // 8 * 8
-    y0, x0 = (images.shape[1] % 8) // 2, (images.shape[2] % 8) // 2
+def _to_model(images: torch.Tensor, ratio: int = 8) -> torch.Tensor:
+    """IMAGE [B,H,W,C] 0..1 → [B,3,H,W] -1..1, centre-cropped to multiples of the VAE's ``ratio`` (8; 16 for
+    Flux.2's patchified latents) like ComfyUI's own VAEEncode."""
+    h, w = images.shape[1] // ratio * ratio, images.shape[2] // ratio * ratio
+    y0, x0 = (images.shape[1] % ratio) // 2, (images.shape[2] % ratio) // 2
     return images[:, y0:y0 + h, x0:x0 + w, :3].movedim(-1, 1) * 2.0 - 1.0
 
 
@@ -176,7 +177,7 @@ class VaePackEncodeTiled:
         return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "tile_size": _TILE, "mode": _MODE}}
 
     def encode(self, pixels: torch.Tensor, vae: Any, tile_size: int, mode: str) -> tuple[dict, str]:
-        x = _to_model(pixels)
+        x = _to_model(pixels, int(vae.spacial_compression_encode()))
         z, note, _ = _tiled(vae, "encode", x, tile_size, mode, x.shape[-1] * x.shape[-2] * x.shape[0],
                             lambda: comfy_tiled(vae, "encode", pixels, tile_size))
         return {"samples": z.float().cpu()}, note

@@ -152,8 +152,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"shift factor    {info.shift_factor}  [{info.sources.get('shift_factor')}]")
         print(f"stored dtype    {info.stored_dtype}")
         print(f"parameters      {info.parameters:,}")
-        print(f"channels        {[cfg.ch * m for m in cfg.ch_mult]}, {cfg.num_res_blocks} res blocks per level, "
+        widths = cfg.encoder_widths if cfg.decoder_ch is None else f"{cfg.encoder_widths} (decoder {cfg.decoder_widths})"
+        print(f"channels        {widths}, {cfg.num_res_blocks} res blocks per level, "
               f"quant convs: {'yes' if cfg.use_quant_conv else 'no'}, GroupNorm groups {cfg.norm_groups}")
+        if cfg.latent_bn:
+            print(f"latent norm     BatchNorm statistics over 2×2-patchified latents ({4 * info.latent_channels} "
+                  f"channels, eps {cfg.bn_eps}): scale_latents gives the Flux.2 transformer's latents")
     if args.activations:
         image = load_image(args.image) if args.image else calibration_image()
         peaks = measure_peaks(vae.model, image)
@@ -264,7 +268,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     y = vae.decode(z, tile=args.tile, mode=args.mode, progress=_progress("decode"),
                    cache_bytes=args.cache_bytes)
     dt = time.perf_counter() - t0
-    h, w = z.shape[2] * 8, z.shape[3] * 8
+    h, w = y.shape[2], y.shape[3]
     _write(out, lambda: save_image(y, out))
     print(f"{vae}\nround trip {x.shape[3]}x{x.shape[2]} -> latent {tuple(z.shape[1:])} -> {w}x{h} in {dt:.2f} s; "
           f"PSNR {psnr(x[..., :h, :w], y):.2f} dB; wrote {out}")
