@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import weakref
 from typing import Any, Callable, Optional
 
@@ -23,6 +24,7 @@ import comfy.utils
 
 from ..vae_core import Vae, VaeLoadError
 from ..vae_core.attach import HostEngine
+from ..vae_core.model_tiny import TinyAutoencoder
 from ..vae_core.precision import GuardState, guarded
 from ..vae_core.tiling import estimate_bytes
 
@@ -51,8 +53,11 @@ class EngineFirstStage(torch.nn.Module):
 
 
 def comfy_knows(vae: Vae) -> bool:
-    """Whether the running ComfyUI builds this VAE itself: SD-family kl-f8 always; Flux.2's (latent BatchNorm) only
-    in versions whose VAE loader knows ``bn.running_mean`` (v0.3.64 does not)."""
+    """Whether the running ComfyUI builds this VAE itself: SD-family kl-f8 always; a TAESD with both halves (ComfyUI
+    would fill a missing half with random weights); Flux.2's (latent BatchNorm) only in versions whose VAE loader
+    knows ``bn.running_mean`` (v0.3.64 does not)."""
+    if isinstance(vae.model, TinyAutoencoder):
+        return vae.model.config.has_encoder and vae.model.config.has_decoder
     if not vae.model.config.latent_bn:
         return vae.model.config.decoder_ch is None
     return "bn.running_mean" in inspect.getsource(comfy.sd.VAE.__init__)
@@ -86,6 +91,11 @@ def to_comfy_vae(vae: Vae) -> Any:
     if not comfy_knows(vae):
         return engine_vae(vae)
     sd = {k: v.detach().cpu() for k, v in vae.model.state_dict().items()}
+    if isinstance(vae.model, TinyAutoencoder):  # ComfyUI's TAESD keys, with its latent scaling parameters
+        sd = {re.sub(r"^(encoder|decoder)\.", r"taesd_\1.", k): v for k, v in sd.items()}
+        cvae = comfy.sd.VAE(sd=sd)
+        cvae.throw_exception_if_invalid()
+        return cvae
     kwargs: dict[str, Any] = {"sd": sd, "config": comfy_config(vae)}
     if "metadata" in inspect.signature(comfy.sd.VAE.__init__).parameters:
         kwargs["metadata"] = {"vae_pack.family": vae.info.family}

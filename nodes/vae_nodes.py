@@ -29,8 +29,15 @@ _MODE = (["exact", "fast"], {"default": "exact", "tooltip": "exact: identical to
                              "(uses a cache in RAM). fast: no cache, approximate colours (for previews)."})
 
 
-def _vae_dirs() -> list[Path]:
-    return [Path(p) for p in folder_paths.get_folder_paths("vae") if os.path.isdir(p)]
+APPROX = "vae_approx/"
+
+
+def _vae_dirs(kind: str = "vae") -> list[Path]:
+    try:
+        paths = folder_paths.get_folder_paths(kind)
+    except KeyError:  # a ComfyUI without that folder kind
+        return []
+    return [Path(p) for p in paths if os.path.isdir(p)]
 
 
 def list_vaes() -> list[str]:
@@ -49,10 +56,17 @@ def list_vaes() -> list[str]:
                 continue
             rel = root.relative_to(base)
             names.update(os.path.join(rel, f) if rel.parts else f for f in files if is_weight_file(f))
+    for base in _vae_dirs("vae_approx"):  # TAESD files: a *_decoder file loads its *_encoder twin beside it
+        names.update(APPROX + f.name for f in base.iterdir() if f.is_file() and is_weight_file(f.name)
+                     and not ("_encoder" in f.name and (base / f.name.replace("_encoder", "_decoder")).is_file()))
     return sorted(names)
 
 
 def resolve(name: str) -> Path:
+    if name.startswith(APPROX):
+        for base in _vae_dirs("vae_approx"):
+            if (base / name[len(APPROX):]).is_file() and "/" not in name[len(APPROX):]:
+                return base / name[len(APPROX):]
     full = folder_paths.get_full_path("vae", name)
     if full and os.path.isfile(full):
         return Path(full)
@@ -114,8 +128,9 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pi
 
 
 class VaePackLoader:
-    DESCRIPTION = "Loads any SD-family VAE: LDM/diffusers safetensors, .ckpt/.pt/.bin, diffusers folders, VAEs in " \
-                  "full checkpoints. Returns a native ComfyUI VAE that every node accepts."
+    DESCRIPTION = "Loads any SD-family VAE (SD1/2, SDXL, SD3, Flux, Flux.2) and the tiny autoencoders (TAESD family, " \
+                  "also from models/vae_approx): LDM/diffusers safetensors, .ckpt/.pt/.bin, diffusers folders, VAEs " \
+                  "in full checkpoints. Returns a ComfyUI VAE that every node accepts."
     CATEGORY = CATEGORY
     RETURN_TYPES = ("VAE", "STRING")
     RETURN_NAMES = ("vae", "info")
@@ -125,7 +140,8 @@ class VaePackLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"vae_name": (list_vaes(), {"tooltip": "File or diffusers folder in models/vae."})}}
+        return {"required": {"vae_name": (list_vaes(), {"tooltip": "File or diffusers folder in models/vae, or a "
+                                                               "TAESD file in models/vae_approx."})}}
 
     def load(self, vae_name: str) -> tuple[Any, str]:
         vae = load_vae(resolve(vae_name))

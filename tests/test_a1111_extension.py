@@ -111,19 +111,27 @@ def test_bad_file_in_dropdown_raises_clear_error(a1111):
 
 
 def test_other_families_give_a_clear_error_on_selection(a1111, tmp_path):
-    """A1111's first stage is SD's kl-f8: a Flux.2 VAE in models/VAE is refused by name, not strict-load noise."""
+    """A1111's first stage is SD's kl-f8: a Flux.2 VAE or a TAESD in models/VAE is refused by name, not with
+    strict-load noise."""
     from test_family_flux2 import _flux2
 
     model = _flux2()
     model.save_pretrained(tmp_path / "flux2")
     path = a1111["vae_dir"] / "flux2-ae.safetensors"
     vae_core.save_vae(vae_core.load_vae(tmp_path / "flux2"), path, layout="ldm")
+    from diffusers import AutoencoderTiny
+
+    taesd = a1111["vae_dir"] / "taesd.safetensors"
+    save_file({k: v.contiguous() for k, v in AutoencoderTiny().state_dict().items()}, str(taesd))
     try:
         a1111["sd_vae"].refresh_vae_list()
         with pytest.raises(vae_core.VaeLoadError, match="flux2-ae.safetensors: a Flux.2 VAE.*SD-family"):
             a1111["sd_vae"].load_vae_dict(a1111["sd_vae"].vae_dict["flux2-ae.safetensors"], "cpu")
+        with pytest.raises(vae_core.VaeLoadError, match="taesd.safetensors: a tiny autoencoder.*AutoencoderKL"):
+            a1111["sd_vae"].load_vae_dict(a1111["sd_vae"].vae_dict["taesd.safetensors"], "cpu")
     finally:
         path.unlink()
+        taesd.unlink()
         a1111["sd_vae"].refresh_vae_list()
 
 

@@ -79,11 +79,20 @@ def test_nan_fallback_casts_a_temporary_copy_not_the_host():
     assert (y - ref.decode(z)).abs().max() < 1e-3
 
 
-def test_not_an_autoencoderkl_is_a_clear_error():
+def test_tiny_host_runs_exactly_and_unknown_modules_are_clear_errors():
     from diffusers import AutoencoderTiny
 
-    with pytest.raises(vae_core.VaeLoadError, match="TAESD host.*no VAE encoder\\+decoder keys"):
-        HostEngine(AutoencoderTiny(), "TAESD host")
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny().eval()
+    engine = HostEngine(tiny, "TAESD host")  # diffusers' AutoencoderTiny: TAESD's own latents (scale 1)
+    x = torch.rand(1, 3, 64, 48) * 2 - 1
+    with torch.no_grad():
+        ref = tiny.decode(tiny.encode(x).latents).sample
+    with engine.attached() as vae:
+        assert _storages(vae.model.encoder.parameters()) <= _storages(tiny.parameters())
+        assert (vae.decode(vae.encode(x), tile=64) - ref).abs().max() < 1e-4
+    with pytest.raises(vae_core.VaeLoadError, match="video host.*no VAE encoder\\+decoder keys"):
+        HostEngine(torch.nn.Conv3d(3, 3, 3), "video host")
     host = diffusers_vae("sd")
     del host.decoder.mid_block.attentions[0].to_q  # a part missing
     with pytest.raises(vae_core.VaeLoadError, match="missing"):

@@ -208,16 +208,55 @@ def _taesd_state_dict(latent: int = 4) -> dict:
 def test_tiled_nodes_fall_back_to_comfy_tiler_for_unknown_vae(comfy, caplog):
     import comfy.sd as csd
 
-    taesd = csd.VAE(sd=_taesd_state_dict())
-    z = torch.randn(1, 4, 16, 16)
+    pixel = csd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})  # a VAE vae_core does not know
+    z = torch.rand(1, 3, 96, 96) * 2 - 1
     with caplog.at_level("WARNING"):
-        image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, taesd, 64, "exact")
+        image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, pixel, 64, "exact")
     assert "not an SD-family AutoencoderKL" in note and "ComfyUI's own tiled decode" in note
     assert sum("VAE Pack tiled decode" in r.getMessage() for r in caplog.records) == 1
-    assert taesd.tiled_calls == [("decode", 8, 8, 2)]  # 64 px tiles = 8 latent px, a quarter overlap
-    assert image.shape == (1, 128, 128, 3) and (image - taesd.decode(z)).abs().max() < 1e-5
-    latent, note = _node(comfy, "VaePackEncodeTiled").encode(_photo(64), taesd, 64, "exact")
-    assert latent["samples"].shape == (1, 4, 8, 8) and "ComfyUI's own tiled encode" in note
+    assert pixel.tiled_calls == [("decode", 64, 64, 16)]  # 64 px tiles at ratio 1, a quarter overlap
+    assert image.shape == (1, 96, 96, 3)
+
+
+def test_taesd_from_core_loader_runs_exact_halo_tiling(comfy):
+    import comfy.sd as csd
+
+    taesd = csd.VAE(sd=_taesd_state_dict())  # what core's VAELoader builds from a TAESD file
+    z = torch.randn(1, 4, 24, 16)
+    image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, taesd, 64, "exact")
+    assert "halo tiling" in note and taesd.tiled_calls == []  # our engine, not ComfyUI's tiler
+    assert image.shape == (1, 192, 128, 3) and (image - taesd.decode(z)).abs().max() < 1e-4
+    latent, note = _node(comfy, "VaePackEncodeTiled").encode(image, taesd, 64, "exact")
+    assert "halo tiling" in note and (latent["samples"] - taesd.encode(image)).abs().max() < 1e-4
+
+
+def test_loader_lists_and_loads_taesd_from_vae_approx(comfy, tmp_path):
+    import comfy.sd as csd
+    import folder_paths
+    from diffusers import AutoencoderTiny
+
+    approx = tmp_path / "vae_approx"
+    approx.mkdir()
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny().eval()
+    enc = {k[len("encoder.layers."):]: v for k, v in tiny.state_dict().items() if k.startswith("encoder.")}
+    dec = {f"{int(k.split('.')[2]) + 1}.{k.split('.', 3)[3]}": v for k, v in tiny.state_dict().items()
+           if k.startswith("decoder.")}
+    torch.save(enc, approx / "taesdxl_encoder.pth")
+    torch.save(dec, approx / "taesdxl_decoder.pth")
+    folder_paths.folder_names_and_paths["vae_approx"] = [str(approx)]
+    try:
+        choices = comfy.NODE_CLASS_MAPPINGS["VaePackLoader"].INPUT_TYPES()["required"]["vae_name"][0]
+        assert "vae_approx/taesdxl_decoder.pth" in choices and "vae_approx/taesdxl_encoder.pth" not in choices
+        vae, info = _node(comfy, "VaePackLoader").load("vae_approx/taesdxl_decoder.pth")
+    finally:
+        del folder_paths.folder_names_and_paths["vae_approx"]
+    assert isinstance(vae, csd.VAE) and vae.tiny and "taesdxl" in info  # ComfyUI's own TAESD, SDXL scaling
+    assert vae.vae_scale == pytest.approx(0.13025)
+    x = _photo(64)
+    with torch.no_grad():
+        own = tiny.encode(x.movedim(-1, 1) * 2 - 1).latents
+    assert (vae.encode(x) - own / 0.13025).abs().max() < 1e-4  # raw SDXL-VAE latents, as ComfyUI's TAESD gives
 
 
 def test_flux2_vae_runs_on_the_engine_with_normalised_latents(comfy, tmp_path):

@@ -65,7 +65,8 @@ def server(tmp_path_factory):
     shutil.copy(SAMPLE, base / "input" / "sample.png")
     from safetensors.torch import save_file
 
-    save_file(_taesd(), str(base / "models" / "vae" / "tiny-taesd.safetensors"))  # core loads it; vae_core cannot
+    save_file(_taesd(), str(base / "models" / "vae" / "tiny-taesd.safetensors"))  # core's loader builds a TAESD
+    save_file({"pixel_space_vae": torch.tensor(1.0)}, str(base / "models" / "vae" / "pixel.safetensors"))  # unknown
     from test_family_flux2 import _flux2
 
     _flux2().save_pretrained(base / "flux2-diffusers")  # v0.3.64 predates Flux.2: our loader runs vae_core's network
@@ -229,24 +230,40 @@ def test_interrupt_stops_a_tiled_decode_and_the_next_prompt_runs(server):
 
 
 def test_unknown_vae_from_core_loader_falls_back_with_a_note(server):
+    """ComfyUI's pixel-space VAE (no network) is one vae_core does not know: ComfyUI's own tiler, a note, one log line."""
     url, _, base = server
-    graph = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-taesd.safetensors"}},
-             "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
-             "3": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["2", 0], "vae": ["1", 0],
-                                                                    "tile_size": 128, "mode": "exact"}},
-             "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "taesd"}},
-             "5": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}},
-             "6": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
-             "7": {"class_type": "VaePackEncodeTiled", "inputs": {"pixels": ["6", 0], "vae": ["1", 0],
+    graph = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel.safetensors"}},
+             "2": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "3": {"class_type": "VaePackEncodeTiled", "inputs": {"pixels": ["2", 0], "vae": ["1", 0],
                                                                     "tile_size": 256, "mode": "exact"}},
-             "8": {"class_type": "PreviewAny", "inputs": {"source": ["7", 1]}}}
+             "4": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["1", 0],
+                                                                    "tile_size": 256, "mode": "exact"}},
+             "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "pixel"}},
+             "6": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}},
+             "7": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}}
     seen = len((base / "server.log").read_text())
     outputs = _run(url, base, graph)
-    assert "ComfyUI's own tiled decode" in outputs["5"]["text"][0], outputs["5"]
-    assert "ComfyUI's own tiled encode" in outputs["8"]["text"][0], outputs["8"]
-    assert _saved(base, outputs, "4").shape == (256, 256, 3)
-    log = (base / "server.log").read_text()[seen:]  # this prompt's log: one line from us, no traceback
+    assert "ComfyUI's own tiled decode" in outputs["6"]["text"][0], outputs["6"]
+    assert "ComfyUI's own tiled encode" in outputs["7"]["text"][0], outputs["7"]
+    assert _saved(base, outputs, "5").shape == (512, 512, 3)
+    log = (base / "server.log").read_text()[seen:]  # this prompt's log: one line from us per call, no traceback
     assert log.count("VAE Pack tiled decode: not an SD-family AutoencoderKL") == 1 and "Traceback" not in log, log
+
+
+def test_taesd_from_core_loader_runs_exact_tiling(server):
+    url, _, base = server
+    graph = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-taesd.safetensors"}},
+             "2": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
+             "4": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["1", 0],
+                                                                    "tile_size": 128, "mode": "exact"}},
+             "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "taesd-tiled"}},
+             "6": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+             "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "taesd-core"}},
+             "8": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}}}
+    outputs = _run(url, base, graph)
+    assert "halo tiling" in outputs["8"]["text"][0], outputs["8"]
+    assert np.abs(_saved(base, outputs, "5") - _saved(base, outputs, "7")).max() <= 1.0  # = core VAE Decode
 
 
 def test_engine_runs_on_comfy_weights_through_model_management(tmp_path):

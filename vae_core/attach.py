@@ -2,7 +2,8 @@
 
 A host (ComfyUI, A1111, a diffusers pipeline) already holds the VAE as an ``nn.Module`` whose parameters are named in
 the LDM layout (ComfyUI, A1111's ``first_stage_model``) or the diffusers layout (``diffusers.AutoencoderKL``), bare
-or under a prefix. :class:`HostEngine` builds a vae_core :class:`~vae_core.model.AutoencoderKL` *skeleton* on the
+or under a prefix, or a TAESD-design autoencoder in any of its layouts (ComfyUI's ``taesd_encoder``/``taesd_decoder``
+with ``vae_scale``/``vae_shift``, diffusers' ``AutoencoderTiny``). :class:`HostEngine` builds a vae_core :class:`~vae_core.model.AutoencoderKL` *skeleton* on the
 meta device once, and for each call points its parameters at the host's current tensors (aliases: same storage;
 diffusers' Linear attention weights ``[C, C]`` are viewed as ``[C, C, 1, 1]``), copying the GroupNorm eps too (an
 fp16 fix changes them). After the call the skeleton is emptied again, so it never keeps a host tensor alive (the host
@@ -27,10 +28,12 @@ import torch
 from torch import nn
 
 from .convert import infer_config, to_ldm
+from .convert_tiny import is_tiny, tiny_config, tiny_family, tiny_to_canonical
 from .errors import VaeLoadError
 from .families import resolve_family
 from .loading import check_tensors
 from .model import AutoencoderKL, count_parameters
+from .model_tiny import TinyAutoencoder
 from .vae import Vae, VaeInfo
 
 __all__ = ["HostEngine"]
@@ -53,7 +56,8 @@ class HostEngine:
             ``vae.``; other parameters, e.g. a loss network, are ignored).
         name: how errors and ``info.path`` name it (e.g. ``"ComfyUI VAE"``).
     Raises:
-        VaeLoadError: the module holds no SD-family AutoencoderKL (e.g. TAESD, a video VAE), naming what it found.
+        VaeLoadError: the module holds neither an SD-family AutoencoderKL nor a TAESD-design autoencoder (e.g. a
+            video VAE), naming what it found.
     """
 
     def __init__(self, module: nn.Module, name: str = "host VAE") -> None:
@@ -66,28 +70,45 @@ class HostEngine:
         # Trace each LDM key back to its host key: convert meta stand-ins and follow views to their base.
         stand_ins = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
         owner = {id(t): k for k, t in stand_ins.items()}
-        ldm, layout = to_ldm(stand_ins, self.name)
+        tiny = is_tiny(stand_ins)
+        if tiny:
+            canon, tiny_layout = tiny_to_canonical(stand_ins, self.name)
+        else:
+            canon, layout = to_ldm(stand_ins, self.name)
         self._sources: dict[str, tuple[str, torch.Size]] = {}
-        for key, t in ldm.items():
+        for key, t in canon.items():
             src = owner.get(id(t if t._base is None else t._base))
-            if src is None:  # cannot happen with to_ldm's renames and views; refuse rather than guess
+            if src is None:  # cannot happen with the converters' renames and views; refuse rather than guess
                 raise RuntimeError(f"{self.name}: {key!r} is not a view of a host parameter")
             self._sources[key] = (src, t.shape)
-        check_tensors({k: tensors[src].reshape(shape) for k, (src, shape) in self._sources.items()}, self.name)
-        cfg = infer_config(ldm, self.name)
+        # a host without TAESD's latent scaling (diffusers' AutoencoderTiny) speaks TAESD's own latents: scale 1, shift 0
+        self._constants = {k: torch.tensor(v) for k, v in (("vae_scale", 1.0), ("vae_shift", 0.0))
+                           if tiny and k not in canon}
+        real = {k: tensors[src].reshape(shape) for k, (src, shape) in self._sources.items()}
+        check_tensors(real, self.name)
+        cfg = tiny_config(canon, self.name) if tiny else infer_config(canon, self.name)
         with torch.device("meta"):
-            model = AutoencoderKL(cfg).eval().requires_grad_(False)
+            model = (TinyAutoencoder(cfg) if tiny else AutoencoderKL(cfg)).eval().requires_grad_(False)
         expected = {k: p.shape for k, p in list(model.named_parameters()) + list(model.named_buffers())}
-        got = {k: shape for k, (_, shape) in self._sources.items()}
+        got = {k: shape for k, (_, shape) in self._sources.items()} | {k: v.shape for k, v in self._constants.items()}
         if expected != got:
             missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
             bad = [k for k in set(expected) & set(got) if expected[k] != got[k]]
+            kind = "a TAESD-design autoencoder" if tiny else (f"an AutoencoderKL with {cfg.ch_mult} levels × "
+                                                              f"{cfg.num_res_blocks} blocks")
             raise VaeLoadError(self.name, f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]} "
-                               f"and {len(bad)} mis-shaped {sorted(bad)[:3]} parameters for an AutoencoderKL with "
-                               f"{cfg.ch_mult} levels × {cfg.num_res_blocks} blocks",
-                               "exactly the parameters of an SD-family AutoencoderKL")
-        fam, scale, shift, sources = resolve_family(cfg.latent_channels)
-        info = VaeInfo(path=self.name, container="host module", layout=layout.layout, prefix=layout.prefix,
+                               f"and {len(bad)} mis-shaped {sorted(bad)[:3]} parameters for {kind}",
+                               "exactly the parameters of that model")
+        if tiny:
+            fam, scale, shift, src = tiny_family(cfg.latent_channels, {k: real[k].float().cpu() for k in
+                                                                      ("vae_scale", "vae_shift") if k in real}
+                                                 or {"vae_scale": torch.tensor(1.0)})
+            sources = {"family": src, "scaling_factor": src, "shift_factor": src}
+            layout_name, prefix, shift = f"taesd-{tiny_layout}", "", shift or None
+        else:
+            fam, scale, shift, sources = resolve_family(cfg.latent_channels, latent_bn=cfg.latent_bn)
+            layout_name, prefix = layout.layout, layout.prefix
+        info = VaeInfo(path=self.name, container="host module", layout=layout_name, prefix=prefix,
                        family=fam, latent_channels=cfg.latent_channels, scaling_factor=scale, shift_factor=shift,
                        stored_dtype=str(next(iter(tensors.values())).dtype).replace("torch.", ""),
                        parameters=count_parameters(model), config=cfg, sources=sources)
@@ -123,6 +144,9 @@ class HostEngine:
         for host_name, mine in self._norms.items():
             if hasattr(host_modules.get(host_name), "eps"):
                 self.vae.model.get_submodule(mine).eps = host_modules[host_name].eps
+        for key, value in self._constants.items():
+            owner, leaf = self._slots[key]
+            owner._parameters[leaf] = nn.Parameter(value.to(tensors[next(iter(tensors))].device), requires_grad=False)
         try:
             yield self.vae
         finally:

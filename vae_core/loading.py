@@ -16,7 +16,9 @@ from .convert import diffusers_config, infer_config, ldm_to_diffusers, nest_flux
 from .errors import VaeInputError, VaeLoadError
 from .families import check_factor, resolve_family
 from .formats import DIFFUSERS_NAMES, RawWeights, check_tensor_kinds, read_index, read_weights
+from .convert_tiny import canonical_to_diffusers, is_tiny, merge_halves, tiny_config, tiny_family, tiny_to_canonical
 from .model import AutoencoderKL, ModelConfig, count_parameters
+from .model_tiny import TinyAutoencoder
 from .precision import parse_dtype
 from .vae import Vae, VaeInfo
 
@@ -83,6 +85,9 @@ def ldm_state_dict_from_file(path: Union[str, os.PathLike]) -> tuple[dict[str, t
         VaeLoadError: unreadable input or no VAE in it.
     """
     raw = read_weights(path)
+    if is_tiny(raw.state_dict):
+        raise VaeLoadError(raw.weights_file, "a tiny autoencoder (TAESD design: no quant convs, no mid attention)",
+                           "an AutoencoderKL here (load_vae reads tiny autoencoders too)")
     sd, layout = to_ldm(raw.state_dict, raw.weights_file)
     return sd, raw, layout.layout, layout.prefix
 
@@ -157,6 +162,9 @@ def load_vae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
     Raises:
         VaeLoadError: the path holds no loadable SD-family VAE (message names path, finding and expectation).
     """
+    raw = read_weights(path)
+    if is_tiny(raw.state_dict):
+        return _load_tiny(raw, path, family).to(device=device, dtype=dtype)
     sd, raw, layout, prefix = ldm_state_dict_from_file(path)
     vae = _assemble(sd, where=raw.weights_file, path=path, container=raw.container, layout=layout, prefix=prefix,
                     all_keys=raw.state_dict.keys(), settings=_check_config(raw), config=raw.config,
@@ -164,6 +172,58 @@ def load_vae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
                     family_kw=dict(family=family, scaling_factor=scaling_factor, shift_factor=shift_factor),
                     config_path=raw.weights_file.parent / "config.json" if raw.config is not None else None)
     return vae.to(device=device, dtype=dtype)
+
+
+def _other_half(path: Path, layout: str) -> Optional[Path]:
+    """The sibling file holding the other half of a TAESD (``taesd_encoder.pth`` ↔ ``taesd_decoder.pth``, any suffix
+    of the same kind), or None."""
+    mine, other = ("encoder", "decoder") if layout == "original-encoder" else ("decoder", "encoder")
+    if mine not in path.name:
+        return None
+    twin = path.with_name(path.name.replace(mine, other))
+    return twin if twin.is_file() and twin != path else None
+
+
+def _load_tiny(raw: RawWeights, path: Union[str, os.PathLike], family: Optional[str]) -> Vae:
+    """A :class:`Vae` around a TAESD-design autoencoder; a half-file picks up its twin beside it."""
+    where = raw.weights_file
+    sd, layout = tiny_to_canonical(raw.state_dict, where)
+    container, sources = raw.container, {}
+    if layout.startswith("original-"):
+        twin = _other_half(Path(where), layout)
+        if twin is not None:
+            other, other_layout = tiny_to_canonical(read_weights(twin).state_dict, twin)
+            if other_layout != layout and other_layout.startswith("original-"):
+                sd = merge_halves(sd, other) if layout == "original-encoder" else merge_halves(other, sd)
+                sources["weights"] = f"{Path(where).name} + {twin.name}"
+    check_tensors(sd, where)
+    cfg = tiny_config(sd, where)
+    fam, scale, shift, src = tiny_family(cfg.latent_channels, sd, family, name_hint=Path(where).name)
+    sd.setdefault("vae_scale", torch.tensor(scale))
+    sd.setdefault("vae_shift", torch.tensor(shift))
+    with torch.device("meta"):
+        model = TinyAutoencoder(cfg)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise VaeLoadError(where, f"{len(missing)} missing keys {missing[:4]} and {len(unexpected)} unexpected keys "
+                           f"{unexpected[:4]} for a TAESD-design {'encoder+decoder' if cfg.has_encoder and cfg.has_decoder else 'half'}",
+                           "exactly the keys of that autoencoder")
+    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in model.state_dict().items()
+           if tuple(sd[k].shape) != tuple(v.shape)]
+    if bad:
+        raise VaeLoadError(where, f"{len(bad)} shape mismatches ({'; '.join(bad[:3])})", "TAESD's shapes")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    model = model.eval().requires_grad_(False)
+    stored = {str(v.dtype).replace("torch.", "") for v in raw.state_dict.values()}
+    info = VaeInfo(path=str(path), container=container, layout=f"taesd-{layout}", prefix="", family=fam,
+                   latent_channels=cfg.latent_channels, scaling_factor=float(model.vae_scale),
+                   shift_factor=float(model.vae_shift) or None, stored_dtype="/".join(sorted(stored)),
+                   parameters=count_parameters(model), config=cfg,
+                   sources={"family": src, "scaling_factor": src, "shift_factor": src, **sources},
+                   weights_file=str(where))
+    log.info("loaded %s: tiny autoencoder %s (%s layout), %d latent channels", path, fam, layout, cfg.latent_channels)
+    return Vae(model, info)
 
 
 _SHARD_NAME = re.compile(r"^diffusion_pytorch_model(\.fp16)?-\d{5}-of-\d{5}\.(safetensors|bin)$")
@@ -242,9 +302,12 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
     _refuse_own_input(vae, [weights] + ([out / "config.json"] if as_folder else []), out if as_folder else None)
 
     sd = {k: (v.to(target) if target else v).detach().to("cpu").contiguous() for k, v in vae.model.state_dict().items()}
-    if layout == "diffusers":
+    if isinstance(vae.model, TinyAutoencoder):  # ComfyUI's single-file form, or diffusers' AutoencoderTiny
+        sd = canonical_to_diffusers(sd) if layout == "diffusers" else \
+            {re.sub(r"^(encoder|decoder)\.", r"taesd_\1.", k): v for k, v in sd.items()}
+    elif layout == "diffusers":
         sd = {k: v.contiguous() for k, v in ldm_to_diffusers(sd).items()}
-    if vae.model.config.latent_bn:  # Flux.2: BatchNorm bookkeeping as in the originals; BFL nests the quant convs
+    if getattr(vae.model.config, "latent_bn", False):  # Flux.2: BatchNorm bookkeeping as in the originals; BFL nests the quant convs
         sd["bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
         if layout == "ldm":
             sd = nest_flux2(sd)
@@ -253,7 +316,10 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
     if shift is not None:
         meta["shift_factor"] = repr(shift)
     if as_folder:
-        cfg_text = json.dumps(diffusers_config(vae.model.config, scale, shift), indent=2, allow_nan=False)
+        config = diffusers_config(vae.model.config, scale, shift) if not isinstance(vae.model, TinyAutoencoder) else \
+            {"_class_name": "AutoencoderTiny", "latent_channels": info.latent_channels, "scaling_factor": 1.0,
+             "shift_factor": 0.0}
+        cfg_text = json.dumps(config, indent=2, allow_nan=False)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(weights, lambda tmp: save_file(sd, str(tmp), metadata=meta))
         atomic_write(out / "config.json", lambda tmp: tmp.write_text(cfg_text, encoding="utf-8"))

@@ -30,7 +30,7 @@ import gc
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .errors import VaeError, VaeInputError
 from .groupnorm_stats import StatsAccumulator
 from .memory import MIN_TILE, auto_tile, estimate_bytes, free_memory, is_oom
+from .tile_local import run_stages
 from .model import ATTENTION_HOOK, AutoencoderKL
 from .tile_cache import CacheArg, CheckpointStore, nbytes, resolve_budget
 from .tile_ops import Rect, Rects, Segment, Stats, decoder_segments, encoder_segments, hull
@@ -541,15 +542,33 @@ def encoder_forward(model: AutoencoderKL, x: torch.Tensor, opts: Optional[TileOp
     return _run("encode", model, x, opts, (x.shape[2], x.shape[3]), model.encoder, encoder_forward_tiled)
 
 
+def _local_tiled(kind: str) -> Callable[[Any, torch.Tensor, int, TileOptions], torch.Tensor]:
+    """Tiled call of a network whose stages are local (``encode_stages``/``decode_stages``, see
+    :mod:`vae_core.tile_local`): halos make it exact, in one pass, in either mode."""
+
+    def run(model: Any, t: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
+        stages = model.decode_stages() if kind == "decode" else model.encode_stages()
+        scale = model.config.downscale if kind == "decode" else 1
+        out, tiles = run_stages(stages, t, tile, scale, opts.progress, opts.cancel)
+        if opts.report is not None:
+            opts.report.schedule, opts.report.tiles, opts.report.sweeps = "halo", tiles, 1
+        return out
+
+    return run
+
+
 def decode(model: AutoencoderKL, z: torch.Tensor, opts: Optional[TileOptions] = None) -> torch.Tensor:
     """Decode raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]`` per ``opts`` (untiled, tiled or auto),
-    falling back to tiles when an untiled call runs out of memory."""
+    falling back to tiles when an untiled call runs out of memory. ``model``: a kl-f8 AutoencoderKL (GroupNorm
+    sweeps) or a network with local stages (TAESD: halos)."""
     opts = opts or TileOptions()
     f = model.config.downscale
-    return _run("decode", model, z, opts, (z.shape[2] * f, z.shape[3] * f), model.decode, decode_tiled)
+    tiled = decode_tiled if isinstance(model, AutoencoderKL) else _local_tiled("decode")
+    return _run("decode", model, z, opts, (z.shape[2] * f, z.shape[3] * f), model.decode, tiled)
 
 
 def encode(model: AutoencoderKL, x: torch.Tensor, opts: Optional[TileOptions] = None) -> torch.Tensor:
     """Encode images ``[B, 3, H, W]`` in [-1, 1] → raw posterior means ``[B, C, H//8, W//8]``; see :func:`decode`."""
     opts = opts or TileOptions()
-    return _run("encode", model, x, opts, (x.shape[2], x.shape[3]), model.encode, encode_tiled)
+    tiled = encode_tiled if isinstance(model, AutoencoderKL) else _local_tiled("encode")
+    return _run("encode", model, x, opts, (x.shape[2], x.shape[3]), model.encode, tiled)

@@ -129,7 +129,7 @@ class Vae:
             self.model.to(device=dev)
         if dtype is not None:
             target, needs_fix = resolve_dtype(dtype, self.device)
-            if needs_fix and self.info.fp16_fix is None:
+            if needs_fix and self.info.fp16_fix is None and isinstance(self.model, AutoencoderKL):
                 self._apply_fix(None)
             if target != self.dtype:
                 self.guard.working_dtype = None  # the user asked for another precision: forget the fallback
@@ -137,6 +137,10 @@ class Vae:
         return self
 
     def _apply_fix(self, sample: Optional[torch.Tensor]) -> None:
+        if not isinstance(self.model, AutoencoderKL):
+            raise VaeInputError(f"fp16 fix for a {type(self.model).__name__} ({self.info.family}): it has no "
+                                "normalisation to make the stream scale-free; expected an AutoencoderKL (a tiny "
+                                "autoencoder's activations stay small: run it in fp16 as it is)")
         dtype = self.dtype
         fixed, before, after = fp16_fix_model(self.model, sample)
         self.model = fixed.to(dtype=dtype)
@@ -151,14 +155,14 @@ class Vae:
         """Raw latents → diffusion-model space: ``(z - shift) * scale``; for Flux.2 (``config.latent_bn``) the
         latents patchified 2×2 and standardised by the VAE's BatchNorm statistics: ``[B, C, h, w]`` →
         ``[B, 4C, h/2, w/2]``."""
-        if self.model.bn is not None:
+        if getattr(self.model, "bn", None) is not None:
             return self.model.bn.normalize(z)
         return (z - (self.info.shift_factor or 0.0)) * self.info.scaling_factor
 
     def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Diffusion-model space → raw latents: ``z / scale + shift``; for Flux.2 the inverse of the BatchNorm
         standardisation and patchify (``[B, 4C, h, w]`` → ``[B, C, 2h, 2w]``)."""
-        if self.model.bn is not None:
+        if getattr(self.model, "bn", None) is not None:
             return self.model.bn.denormalize(z)
         return z / self.info.scaling_factor + (self.info.shift_factor or 0.0)
 

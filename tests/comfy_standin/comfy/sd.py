@@ -13,11 +13,15 @@ _SD_WIDTHS = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2)  # what ComfyU
 class VAE:
     def __init__(self, sd=None, device=None, config=None, dtype=None, metadata=None):
         self.tiny = "taesd_decoder.1.weight" in sd
+        ratio = 8
+        self.vae_scale, self.vae_shift = 1.0, 0.0
         if "pixel_space_vae" in sd:  # ComfyUI's trivial pixel-space VAE (identity)
             self.first_stage_model = torch.nn.Identity()
-            self.latent_channels = 3
-        elif self.tiny:
-            self.first_stage_model = tiny_from_taesd(sd)
+            self.latent_channels, ratio = 3, 1
+        elif self.tiny:  # like ComfyUI's TAESD: raw latents in, (z - vae_shift) * vae_scale for the network
+            self.vae_scale = float(sd.get("vae_scale", torch.tensor(1.0)))
+            self.vae_shift = float(sd.get("vae_shift", torch.tensor(0.0)))
+            self.first_stage_model = tiny_from_taesd({k: v for k, v in sd.items() if k.startswith("taesd_")})
             self.latent_channels = int(sd["taesd_decoder.1.weight"].shape[1])
         else:
             widths = dict(_SD_WIDTHS)
@@ -26,7 +30,7 @@ class VAE:
                 widths = dict(ch=dd["ch"], ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"])
             self.first_stage_model = host_vae(sd, **widths)  # raises on a width mismatch, like ComfyUI's load
             self.latent_channels = self.first_stage_model.config.latent_channels
-        self.downscale_ratio = self.upscale_ratio = 8
+        self.downscale_ratio = self.upscale_ratio = ratio
         self.latent_dim = 2
         self.output_channels = 3
         self.device = device if device is not None else model_management.vae_device()
@@ -53,6 +57,10 @@ class VAE:
 
     def _decode(self, z):
         model_management.load_models_gpu([self.patcher], memory_required=1)
+        if self.tiny:
+            z = (z - self.vae_shift) * self.vae_scale
+        if isinstance(self.first_stage_model, torch.nn.Identity):
+            return self.process_output(z.float()).movedim(1, -1)
         with torch.no_grad():
             out = self.first_stage_model.decode(z.to(self.device, self.vae_dtype))
         out = getattr(out, "sample", out).float()  # diffusers returns DecoderOutput, ComfyUI's networks a tensor
@@ -63,7 +71,8 @@ class VAE:
         x = self.process_input(pixel_samples[..., :3]).movedim(-1, 1).to(self.device, self.vae_dtype)
         with torch.no_grad():
             out = self.first_stage_model.encode(x)
-        z = out.latents if self.tiny else out.latent_dist.mean if hasattr(out, "latent_dist") else out
+        z = out.latents / self.vae_scale + self.vae_shift if self.tiny else \
+            out.latent_dist.mean if hasattr(out, "latent_dist") else out
         return z.float().to(self.output_device)
 
     def decode(self, samples_in, vae_options={}):

@@ -1,0 +1,170 @@
+"""Key layouts of the tiny autoencoders (TAESD design): detection, conversion to the canonical names of
+:class:`vae_core.model_tiny.TinyAutoencoder`, and the latent scaling of each variant.
+
+Layouts, recognised from keys (never from file names):
+
+* ``original-encoder`` / ``original-decoder``: madebyollin's ``taesd*_encoder.pth`` (``0.weight``, ``1.conv.0.weight``,
+  ..., ``14.weight``) and ``taesd*_decoder.pth`` (``1.weight``, ``3.conv.0.weight``, ..., ``19.weight``; index 0 is
+  the clamp), one half per file (also as ``.safetensors``);
+* ``comfyui``: ``taesd_encoder.<i>.…`` and ``taesd_decoder.<i>.…`` plus ``vae_scale``/``vae_shift`` (ComfyUI's TAESD);
+* ``diffusers``: ``AutoencoderTiny``'s ``encoder.layers.<i>.…`` and ``decoder.layers.<i-1>.…`` (no clamp layer);
+* ``canonical``: ``encoder.<i>.…``, ``decoder.<i>.…``, ``vae_scale``, ``vae_shift`` (what :func:`vae_core.save_vae`
+  writes in the original layout).
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional
+
+import torch
+
+from .errors import VaeLoadError
+from .model_tiny import TinyConfig
+
+__all__ = ["TINY_FAMILIES", "is_tiny", "tiny_to_canonical", "canonical_to_diffusers", "tiny_config", "merge_halves",
+           "tiny_family"]
+
+#: variant -> (latent channels, vae_scale, vae_shift): TAESD latents = (raw - shift) · scale of the matching VAE.
+TINY_FAMILIES = {"taesd": (4, 0.18215, 0.0), "taesdxl": (4, 0.13025, 0.0), "taesd3": (16, 1.5305, 0.0609),
+                 "taef1": (16, 0.3611, 0.1159)}
+_DEFAULT = {4: "taesd", 16: "taef1"}
+
+_ENC_FIRST, _ENC_LAST = "0.weight", "14.weight"      # conv(3, 64) and conv(64, latent) of the encoder
+_DEC_FIRST, _DEC_LAST = "1.weight", "19.weight"      # conv(latent, 64) and conv(64, 3) of the decoder
+
+
+def _layout(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+    keys = set(sd)
+    if "taesd_decoder.1.weight" in keys or "taesd_encoder.0.weight" in keys:
+        return "comfyui"
+    if "decoder.layers.0.weight" in keys or "encoder.layers.0.weight" in keys:
+        return "diffusers"
+    if ("encoder.1.conv.0.weight" in keys or "decoder.3.conv.0.weight" in keys) and "encoder.conv_in.weight" not in keys:
+        return "canonical"
+    if "1.conv.0.weight" in keys and _ENC_FIRST in keys:
+        return "original-encoder"
+    if "3.conv.0.weight" in keys and _DEC_FIRST in keys and _ENC_FIRST not in keys:
+        return "original-decoder"
+    return None
+
+
+def is_tiny(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``sd`` holds a TAESD-design autoencoder (or one half of it) in any known layout."""
+    return _layout(sd) is not None
+
+
+def tiny_to_canonical(sd: Mapping[str, torch.Tensor], path: object = "<state dict>"
+                      ) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename any layout to the canonical names; returns ``(state dict, layout)``. ``vae_scale``/``vae_shift`` are
+    kept when present (ComfyUI, canonical) and added by :func:`tiny_family` otherwise.
+
+    Raises:
+        VaeLoadError: not a TAESD-design state dict.
+    """
+    layout = _layout(sd)
+    if layout is None:
+        raise VaeLoadError(path, f"{len(sd)} tensors without TAESD keys (first {sorted(sd)[:4]})",
+                           "a TAESD-design autoencoder: taesd_encoder/taesd_decoder files, ComfyUI's taesd_* keys "
+                           "or diffusers' AutoencoderTiny")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        k = key
+        if layout == "comfyui":
+            k = re.sub(r"^taesd_(encoder|decoder)\.", r"\1.", k)
+        elif layout == "diffusers":
+            k = re.sub(r"^encoder\.layers\.", "encoder.", k)
+            k = re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.{int(m.group(1)) + 1}.", k)
+        elif layout == "original-encoder":
+            k = "encoder." + k
+        elif layout == "original-decoder":
+            k = "decoder." + k
+        out[k] = value
+    return out, layout
+
+
+def canonical_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical names → diffusers ``AutoencoderTiny`` names (``vae_scale``/``vae_shift`` dropped: diffusers keeps
+    TAESD's own latents)."""
+    out = {}
+    for k, v in sd.items():
+        if k in ("vae_scale", "vae_shift"):
+            continue
+        k = re.sub(r"^encoder\.", "encoder.layers.", k)
+        k = re.sub(r"^decoder\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) - 1}.", k)
+        out[k] = v
+    return out
+
+
+def _shape(sd: Mapping[str, torch.Tensor], key: str, path: object, expected: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise VaeLoadError(path, f"no tensor {key!r}", expected)
+    return tuple(sd[key].shape)
+
+
+def tiny_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>") -> TinyConfig:
+    """Latent channels and which halves exist, from a canonical state dict's shapes.
+
+    Raises:
+        VaeLoadError: first/last convs missing or of the wrong shape (naming the key).
+    """
+    enc = any(k.startswith("encoder.") for k in sd)
+    dec = any(k.startswith("decoder.") for k in sd)
+    latent = None
+    if enc:
+        first = _shape(sd, "encoder." + _ENC_FIRST, path, "the encoder's first conv (64, 3, 3, 3)")
+        last = _shape(sd, "encoder." + _ENC_LAST, path, "the encoder's last conv (latent, 64, 3, 3)")
+        if first != (64, 3, 3, 3) or len(last) != 4 or last[1:] != (64, 3, 3):
+            raise VaeLoadError(path, f"encoder convs of shapes {first} and {last}",
+                               "(64, 3, 3, 3) first and (latent channels, 64, 3, 3) last (TAESD design)")
+        latent = last[0]
+    if dec:
+        first = _shape(sd, "decoder." + _DEC_FIRST, path, "the decoder's first conv (64, latent, 3, 3)")
+        last = _shape(sd, "decoder." + _DEC_LAST, path, "the decoder's last conv (3, 64, 3, 3)")
+        if len(first) != 4 or first[0] != 64 or first[2:] != (3, 3) or last != (3, 64, 3, 3):
+            raise VaeLoadError(path, f"decoder convs of shapes {first} and {last}",
+                               "(64, latent channels, 3, 3) first and (3, 64, 3, 3) last (TAESD design)")
+        if latent is not None and latent != first[1]:
+            raise VaeLoadError(path, f"an encoder with {latent} latent channels and a decoder with {first[1]}",
+                               "two halves of the same autoencoder")
+        latent = first[1]
+    if latent is None or latent <= 0 or latent > 256:
+        raise VaeLoadError(path, f"latent channels {latent}", "an encoder or decoder with 1..256 latent channels")
+    return TinyConfig(latent_channels=int(latent), has_encoder=enc, has_decoder=dec)
+
+
+def merge_halves(encoder_sd: Mapping[str, torch.Tensor], decoder_sd: Mapping[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """One canonical state dict from a canonical encoder half and a canonical decoder half."""
+    out = {k: v for k, v in encoder_sd.items() if k.startswith("encoder.")}
+    out.update({k: v for k, v in decoder_sd.items() if k.startswith("decoder.")})
+    for k in ("vae_scale", "vae_shift"):
+        if k in decoder_sd or k in encoder_sd:
+            out[k] = decoder_sd.get(k, encoder_sd.get(k))
+    return out
+
+
+def tiny_family(latent_channels: int, sd: Mapping[str, torch.Tensor], family: Optional[str] = None,
+                name_hint: str = "") -> tuple[str, float, float, str]:
+    """``(family, vae_scale, vae_shift, source)``: from an explicit ``family``, the file's own ``vae_scale``/
+    ``vae_shift`` (ComfyUI), the file name (``taesdxl``, ``taesd3``, ``taef1``), else the default per channels."""
+    if family is not None:
+        if family not in TINY_FAMILIES or TINY_FAMILIES[family][0] != latent_channels:
+            known = [f for f, v in TINY_FAMILIES.items() if v[0] == latent_channels]
+            raise VaeLoadError("family", f"{family!r} for a tiny autoencoder with {latent_channels} latent channels",
+                               f"one of {known}")
+        return family, TINY_FAMILIES[family][1], TINY_FAMILIES[family][2], "argument"
+    if "vae_scale" in sd:
+        scale = float(sd["vae_scale"])
+        shift = float(sd["vae_shift"]) if "vae_shift" in sd else 0.0
+        for name, (ch, s, h) in TINY_FAMILIES.items():
+            if ch == latent_channels and abs(s - scale) < 1e-6 and abs(h - shift) < 1e-6:
+                return name, scale, shift, "vae_scale/vae_shift in the file"
+        return "custom-tiny", scale, shift, "vae_scale/vae_shift in the file"
+    tokens = set(re.split(r"[^a-z0-9]+", name_hint.lower()))
+    for name in ("taesdxl", "taesd3", "taef1", "taesd"):
+        if any(t.startswith(name) for t in tokens) and TINY_FAMILIES[name][0] == latent_channels:
+            return name, TINY_FAMILIES[name][1], TINY_FAMILIES[name][2], f"file name hint ({name_hint})"
+    name = _DEFAULT.get(latent_channels)
+    if name is None:
+        return "custom-tiny", 1.0, 0.0, f"no known tiny autoencoder has {latent_channels} latent channels"
+    return name, TINY_FAMILIES[name][1], TINY_FAMILIES[name][2], f"default for {latent_channels}-channel TAESDs"
