@@ -186,8 +186,13 @@ def flop_ratio(config: Any, op: str, size: int, impl: str, tile: int, mode: str 
             fn()
         return fc.get_total_flops()
 
+    from .model_tiny import TinyAutoencoder, TinyConfig
+
+    tiny = isinstance(config, TinyConfig)
+    if tiny and impl == "diffusers":
+        return None  # diffusers' tiling is for AutoencoderKL
     with torch.device("meta"):
-        model = AutoencoderKL(config).eval().requires_grad_(False)
+        model = (TinyAutoencoder(config) if tiny else AutoencoderKL(config)).eval().requires_grad_(False)
     f = config.downscale
     x = (torch.empty(1, config.latent_channels, size // f, size // f, device="meta") if op == "decode"
          else torch.empty(1, 3, size, size, device="meta"))
@@ -201,7 +206,7 @@ def flop_ratio(config: Any, op: str, size: int, impl: str, tile: int, mode: str 
                 fn = (lambda: d.decode(x).sample) if op == "decode" else (lambda: d.encode(x).latent_dist.mean)
             else:
                 if cache_bytes == "auto":
-                    cache_bytes = tiling.cache_needed(model, op, size, size, tile)
+                    cache_bytes = 0 if tiny else tiling.cache_needed(model, op, size, size, tile)
                 opts = tiling.TileOptions(tile=None if impl == "untiled" else tile, mode=mode, cache_bytes=cache_bytes)
                 engine = tiling.decode if op == "decode" else tiling.encode
                 fn = lambda: engine(model, x, opts)  # noqa: E731
@@ -239,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for op in args.op:
             for size in sizes:
                 impls = [("untiled", None), ("vae_core exact", "exact"), ("vae_core fast", "fast")]
-                if have_diffusers:
+                if have_diffusers and isinstance(config, ModelConfig):  # diffusers' tiling: AutoencoderKL only
                     impls.append(("diffusers tiled", None))
                 ref, t_ref = None, None
                 for name, mode in impls:

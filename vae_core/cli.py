@@ -27,6 +27,7 @@ from .families import FAMILIES
 from .images import check_latent_output, image_format, latent_metadata, load_image, load_latent, psnr, save_image, \
     save_latent
 from .loading import load_vae, save_vae
+from .model import AutoencoderKL
 from .precision import calibration_image, measure_peaks
 from .safe_paths import atomic_write, check_not_input, check_writable_target, describe_oserror
 from .vae import Vae, make_fp16_safe
@@ -152,12 +153,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"shift factor    {info.shift_factor}  [{info.sources.get('shift_factor')}]")
         print(f"stored dtype    {info.stored_dtype}")
         print(f"parameters      {info.parameters:,}")
-        widths = cfg.encoder_widths if cfg.decoder_ch is None else f"{cfg.encoder_widths} (decoder {cfg.decoder_widths})"
-        print(f"channels        {widths}, {cfg.num_res_blocks} res blocks per level, "
-              f"quant convs: {'yes' if cfg.use_quant_conv else 'no'}, GroupNorm groups {cfg.norm_groups}")
-        if cfg.latent_bn:
+        if not isinstance(vae.model, AutoencoderKL):
+            halves = " + ".join(h for h, ok in (("encoder", cfg.has_encoder), ("decoder", cfg.has_decoder)) if ok)
+            print(f"network         tiny autoencoder (TAESD design, 64 channels, no norm, no attention): {halves}; "
+                  "tiling is exact with halos; raw latents in and out (vae_scale/vae_shift at the boundary)")
+        else:
+            widths = cfg.encoder_widths if cfg.decoder_ch is None else \
+                f"{cfg.encoder_widths} (decoder {cfg.decoder_widths})"
+            print(f"channels        {widths}, {cfg.num_res_blocks} res blocks per level, "
+                  f"quant convs: {'yes' if cfg.use_quant_conv else 'no'}, GroupNorm groups {cfg.norm_groups}")
+        if getattr(cfg, "latent_bn", False):
             print(f"latent norm     BatchNorm statistics over 2×2-patchified latents ({4 * info.latent_channels} "
                   f"channels, eps {cfg.bn_eps}): scale_latents gives the Flux.2 transformer's latents")
+    if args.activations and not isinstance(vae.model, AutoencoderKL):
+        raise VaeInputError(f"--activations for a {vae.info.family} tiny autoencoder: the fp16 fix rescales "
+                            "GroupNorm-normalised streams; expected an AutoencoderKL")
     if args.activations:
         image = load_image(args.image) if args.image else calibration_image()
         peaks = measure_peaks(vae.model, image)

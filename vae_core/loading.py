@@ -217,8 +217,7 @@ def _load_tiny(raw: RawWeights, path: Union[str, os.PathLike], family: Optional[
     model = model.eval().requires_grad_(False)
     stored = {str(v.dtype).replace("torch.", "") for v in raw.state_dict.values()}
     info = VaeInfo(path=str(path), container=container, layout=f"taesd-{layout}", prefix="", family=fam,
-                   latent_channels=cfg.latent_channels, scaling_factor=float(model.vae_scale),
-                   shift_factor=float(model.vae_shift) or None, stored_dtype="/".join(sorted(stored)),
+                   latent_channels=cfg.latent_channels, scaling_factor=scale, shift_factor=shift or None, stored_dtype="/".join(sorted(stored)),
                    parameters=count_parameters(model), config=cfg,
                    sources={"family": src, "scaling_factor": src, "shift_factor": src, **sources},
                    weights_file=str(where))
