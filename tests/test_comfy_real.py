@@ -298,3 +298,21 @@ def test_flux2_through_our_loader_into_core_and_tiled_nodes(server):
     direct = _direct_roundtrip(base / "models" / "vae" / "flux2-ae.safetensors")
     for node in ("5", "7"):  # core VAE Encode/Decode, and our tiled decode, on the engine-backed VAE
         assert np.abs(_saved(base, outputs, node) - direct).max() <= 2.0, node
+
+
+def test_taesd_through_our_loader_into_core_and_tiled_nodes(server):
+    url, _, base = server
+    graph = {"1": {"class_type": "VaePackLoader", "inputs": {"vae_name": "tiny-taesd.safetensors"}},
+             "2": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
+             "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+             "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "taesd-ours-core"}},
+             "6": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["1", 0],
+                                                                    "tile_size": 128, "mode": "exact"}},
+             "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "taesd-ours-tiled"}},
+             "8": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    outputs = _run(url, base, graph)
+    assert "taesd" in outputs["8"]["text"][0]
+    direct = _direct_roundtrip(base / "models" / "vae" / "tiny-taesd.safetensors")
+    for node in ("5", "7"):  # ComfyUI's own TAESD built by our loader, and our exact tiled decode on it
+        assert np.abs(_saved(base, outputs, node) - direct).max() <= 2.0, node

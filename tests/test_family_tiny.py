@@ -134,7 +134,7 @@ def test_half_file_alone_decodes_and_refuses_to_encode(case):
 
 def test_fp16_fix_is_refused_clearly(case):
     vae = vae_core.load_vae(case["base"] / "comfy-combined.safetensors")
-    with pytest.raises(vae_core.VaeInputError, match="no normalisation"):
+    with pytest.raises(vae_core.VaeInputError, match="no normalisation and small activations"):
         vae_core.make_fp16_safe(vae)
 
 

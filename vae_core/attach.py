@@ -144,9 +144,10 @@ class HostEngine:
         for host_name, mine in self._norms.items():
             if hasattr(host_modules.get(host_name), "eps"):
                 self.vae.model.get_submodule(mine).eps = host_modules[host_name].eps
+        like = next(iter(tensors.values()))
         for key, value in self._constants.items():
             owner, leaf = self._slots[key]
-            owner._parameters[leaf] = nn.Parameter(value.to(tensors[next(iter(tensors))].device), requires_grad=False)
+            owner._parameters[leaf] = nn.Parameter(value.to(like.device, like.dtype), requires_grad=False)
         try:
             yield self.vae
         finally:

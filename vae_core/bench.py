@@ -187,12 +187,14 @@ def flop_ratio(config: Any, op: str, size: int, impl: str, tile: int, mode: str 
         return fc.get_total_flops()
 
     from .model_tiny import TinyAutoencoder, TinyConfig
+    from .model_wan import WanConfig, WanImageVAE
 
-    tiny = isinstance(config, TinyConfig)
+    tiny = isinstance(config, (TinyConfig, WanConfig))  # halo-tiled families: no cache, no diffusers row
     if tiny and impl == "diffusers":
         return None  # diffusers' tiling is for AutoencoderKL
     with torch.device("meta"):
-        model = (TinyAutoencoder(config) if tiny else AutoencoderKL(config)).eval().requires_grad_(False)
+        model = (TinyAutoencoder(config) if isinstance(config, TinyConfig) else WanImageVAE(config)
+                 if isinstance(config, WanConfig) else AutoencoderKL(config)).eval().requires_grad_(False)
     f = config.downscale
     x = (torch.empty(1, config.latent_channels, size // f, size // f, device="meta") if op == "decode"
          else torch.empty(1, 3, size, size, device="meta"))

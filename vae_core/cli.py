@@ -28,6 +28,7 @@ from .images import check_latent_output, image_format, latent_metadata, load_ima
     save_latent
 from .loading import load_vae, save_vae
 from .model import AutoencoderKL
+from .model_wan import WanImageVAE
 from .precision import calibration_image, measure_peaks
 from .safe_paths import atomic_write, check_not_input, check_writable_target, describe_oserror
 from .vae import Vae, make_fp16_safe
@@ -153,7 +154,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"shift factor    {info.shift_factor}  [{info.sources.get('shift_factor')}]")
         print(f"stored dtype    {info.stored_dtype}")
         print(f"parameters      {info.parameters:,}")
-        if not isinstance(vae.model, AutoencoderKL):
+        if isinstance(vae.model, WanImageVAE):
+            print(f"network         Wan 2.1 design on single images: base width {cfg.base_dim} × {list(cfg.dim_mult)}, "
+                  f"{cfg.num_res_blocks} res blocks per level, RMS norm, mid-block attention; tiling is exact with "
+                  "halos around the mid block; scale_latents uses per-channel latents_mean/latents_std")
+        elif not isinstance(vae.model, AutoencoderKL):
             halves = " + ".join(h for h, ok in (("encoder", cfg.has_encoder), ("decoder", cfg.has_decoder)) if ok)
             print(f"network         tiny autoencoder (TAESD design, 64 channels, no norm, no attention): {halves}; "
                   "tiling is exact with halos; raw latents in and out (vae_scale/vae_shift at the boundary)")
@@ -166,8 +171,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"latent norm     BatchNorm statistics over 2×2-patchified latents ({4 * info.latent_channels} "
                   f"channels, eps {cfg.bn_eps}): scale_latents gives the Flux.2 transformer's latents")
     if args.activations and not isinstance(vae.model, AutoencoderKL):
-        raise VaeInputError(f"--activations for a {vae.info.family} tiny autoencoder: the fp16 fix rescales "
-                            "GroupNorm-normalised streams; expected an AutoencoderKL")
+        raise VaeInputError(f"--activations for a {vae.info.family} VAE: the fp16 fix rescales GroupNorm-normalised "
+                            "streams; expected an AutoencoderKL")
     if args.activations:
         image = load_image(args.image) if args.image else calibration_image()
         peaks = measure_peaks(vae.model, image)

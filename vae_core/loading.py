@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -16,9 +17,12 @@ from .convert import diffusers_config, infer_config, ldm_to_diffusers, nest_flux
 from .errors import VaeInputError, VaeLoadError
 from .families import check_factor, resolve_family
 from .formats import DIFFUSERS_NAMES, RawWeights, check_tensor_kinds, read_index, read_weights
+from .convert_wan import canonical_to_diffusers as wan_to_diffusers
+from .convert_wan import is_wan, wan_config, wan_to_canonical
 from .convert_tiny import canonical_to_diffusers, is_tiny, merge_halves, tiny_config, tiny_family, tiny_to_canonical
 from .model import AutoencoderKL, ModelConfig, count_parameters
 from .model_tiny import TinyAutoencoder
+from .model_wan import WanImageVAE
 from .precision import parse_dtype
 from .vae import Vae, VaeInfo
 
@@ -88,6 +92,9 @@ def ldm_state_dict_from_file(path: Union[str, os.PathLike]) -> tuple[dict[str, t
     if is_tiny(raw.state_dict):
         raise VaeLoadError(raw.weights_file, "a tiny autoencoder (TAESD design: no quant convs, no mid attention)",
                            "an AutoencoderKL here (load_vae reads tiny autoencoders too)")
+    if is_wan(raw.state_dict):
+        raise VaeLoadError(raw.weights_file, "a Qwen-Image / Wan 2.1-design VAE (causal 3-D convs, RMS norm)",
+                           "an AutoencoderKL here (load_vae reads Qwen-Image's VAE too)")
     sd, layout = to_ldm(raw.state_dict, raw.weights_file)
     return sd, raw, layout.layout, layout.prefix
 
@@ -165,6 +172,8 @@ def load_vae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
     raw = read_weights(path)
     if is_tiny(raw.state_dict):
         return _load_tiny(raw, path, family).to(device=device, dtype=dtype)
+    if is_wan(raw.state_dict):
+        return _load_wan(raw, path, family).to(device=device, dtype=dtype)
     sd, raw, layout, prefix = ldm_state_dict_from_file(path)
     vae = _assemble(sd, where=raw.weights_file, path=path, container=raw.container, layout=layout, prefix=prefix,
                     all_keys=raw.state_dict.keys(), settings=_check_config(raw), config=raw.config,
@@ -222,6 +231,66 @@ def _load_tiny(raw: RawWeights, path: Union[str, os.PathLike], family: Optional[
                    sources={"family": src, "scaling_factor": src, "shift_factor": src, **sources},
                    weights_file=str(where))
     log.info("loaded %s: tiny autoencoder %s (%s layout), %d latent channels", path, fam, layout, cfg.latent_channels)
+    return Vae(model, info)
+
+
+#: Qwen-Image's per-channel latent statistics (its pipeline normalises raw latents with them; diffusers' defaults).
+QWEN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                     -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+QWEN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+                    1.6382, 1.1253, 2.8251, 1.9160)
+
+
+def _latent_stats(raw: RawWeights, z: int) -> tuple[Optional[tuple], Optional[tuple], str]:
+    cfg = raw.config or {}
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    where = raw.weights_file.parent / "config.json"
+    if mean is not None or std is not None:
+        ok = all(isinstance(v, list) and len(v) == z and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                             and math.isfinite(x) for x in v) for v in (mean, std))
+        if not ok or any(x <= 0 for x in std):
+            raise VaeLoadError(where, f"latents_mean/latents_std {str(mean)[:60]} / {str(std)[:60]}",
+                               f"two lists of {z} finite numbers, the std ones > 0")
+        return tuple(mean), tuple(std), "config.json"
+    if z == len(QWEN_LATENTS_MEAN):
+        return QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, "Qwen-Image's defaults (16 channels)"
+    return None, None, f"none known for {z} channels"
+
+
+def _load_wan(raw: RawWeights, path: Union[str, os.PathLike], family: Optional[str]) -> Vae:
+    """A :class:`Vae` around Qwen-Image's (Wan 2.1-design) VAE, run on single images."""
+    where = raw.weights_file
+    sd, layout, prefix = wan_to_canonical(raw.state_dict, where)
+    if family not in (None, "qwen-image"):
+        raise VaeInputError(f"family={family!r} for a Qwen-Image / Wan 2.1-design VAE; expected 'qwen-image'")
+    check_tensors(sd, where)
+    cfg, temporal = wan_config(sd, where)
+    with torch.device("meta"):
+        model = WanImageVAE(cfg, temporal)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise VaeLoadError(where, f"{len(missing)} missing keys {missing[:4]} and {len(unexpected)} unexpected keys "
+                           f"{unexpected[:4]} for a Wan 2.1-design VAE of base width {cfg.base_dim}",
+                           "exactly the keys of that VAE")
+    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in model.state_dict().items()
+           if tuple(sd[k].shape) != tuple(v.shape)]
+    if bad:
+        raise VaeLoadError(where, f"{len(bad)} shape mismatches ({'; '.join(bad[:3])})", "shapes of that VAE")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    model.latents_mean = torch.zeros(cfg.z_dim)
+    model.latents_std = torch.ones(cfg.z_dim)
+    mean, std, src = _latent_stats(raw, cfg.z_dim)
+    if mean is not None:
+        model.latents_mean, model.latents_std = torch.tensor(mean), torch.tensor(std)
+    model = model.eval().requires_grad_(False)
+    stored = {str(v.dtype).replace("torch.", "") for v in raw.state_dict.values()}
+    info = VaeInfo(path=str(path), container=raw.container, layout=f"wan-{layout}", prefix=prefix,
+                   family="qwen-image", latent_channels=cfg.z_dim, scaling_factor=1.0, shift_factor=None,
+                   stored_dtype="/".join(sorted(stored)), parameters=count_parameters(model), config=cfg,
+                   sources={"family": "keys (Wan 2.1 design)", "scaling_factor": f"per-channel statistics: {src}",
+                            "shift_factor": f"per-channel statistics: {src}"}, weights_file=str(where))
+    log.info("loaded %s: Qwen-Image / Wan 2.1-design VAE (%s layout), %d latent channels", path, layout, cfg.z_dim)
     return Vae(model, info)
 
 
@@ -304,6 +373,9 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
     if isinstance(vae.model, TinyAutoencoder):  # ComfyUI's single-file form, or diffusers' AutoencoderTiny
         sd = canonical_to_diffusers(sd) if layout == "diffusers" else \
             {re.sub(r"^(encoder|decoder)\.", r"taesd_\1.", k): v for k, v in sd.items()}
+    elif isinstance(vae.model, WanImageVAE):  # the original Wan 2.1 names, or AutoencoderKLQwenImage's
+        if layout == "diffusers":
+            sd = wan_to_diffusers(sd, vae.model.config.num_res_blocks)
     elif layout == "diffusers":
         sd = {k: v.contiguous() for k, v in ldm_to_diffusers(sd).items()}
     if getattr(vae.model.config, "latent_bn", False):  # Flux.2: BatchNorm bookkeeping as in the originals; BFL nests the quant convs
@@ -315,9 +387,19 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
     if shift is not None:
         meta["shift_factor"] = repr(shift)
     if as_folder:
-        config = diffusers_config(vae.model.config, scale, shift) if not isinstance(vae.model, TinyAutoencoder) else \
-            {"_class_name": "AutoencoderTiny", "latent_channels": info.latent_channels, "scaling_factor": 1.0,
-             "shift_factor": 0.0}
+        m = vae.model
+        if isinstance(m, TinyAutoencoder):
+            config = {"_class_name": "AutoencoderTiny", "latent_channels": info.latent_channels, "scaling_factor": 1.0,
+                      "shift_factor": 0.0}
+        elif isinstance(m, WanImageVAE):
+            c = m.config
+            config = {"_class_name": "AutoencoderKLQwenImage", "base_dim": c.base_dim, "z_dim": c.z_dim,
+                      "dim_mult": list(c.dim_mult), "num_res_blocks": c.num_res_blocks, "attn_scales": [],
+                      "temperal_downsample": [hasattr(r, "time_conv") for r in m.encoder.downsamples
+                                              if hasattr(r, "mode")],
+                      "latents_mean": m.latents_mean.tolist(), "latents_std": m.latents_std.tolist()}
+        else:
+            config = diffusers_config(m.config, scale, shift)
         cfg_text = json.dumps(config, indent=2, allow_nan=False)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(weights, lambda tmp: save_file(sd, str(tmp), metadata=meta))

@@ -138,9 +138,10 @@ class Vae:
 
     def _apply_fix(self, sample: Optional[torch.Tensor]) -> None:
         if not isinstance(self.model, AutoencoderKL):
-            raise VaeInputError(f"fp16 fix for a {type(self.model).__name__} ({self.info.family}): it has no "
-                                "normalisation to make the stream scale-free; expected an AutoencoderKL (a tiny "
-                                "autoencoder's activations stay small: run it in fp16 as it is)")
+            raise VaeInputError(f"fp16 fix for a {type(self.model).__name__} ({self.info.family}): the fix rescales "
+                                "AutoencoderKL's GroupNorm-normalised residual stream; expected an AutoencoderKL (a "
+                                "tiny autoencoder has no normalisation and small activations: run it in fp16 as it "
+                                "is; Qwen-Image's RMS-norm stream is not covered yet)")
         dtype = self.dtype
         fixed, before, after = fp16_fix_model(self.model, sample)
         self.model = fixed.to(dtype=dtype)
@@ -157,6 +158,8 @@ class Vae:
         ``[B, 4C, h/2, w/2]``."""
         if getattr(self.model, "bn", None) is not None:
             return self.model.bn.normalize(z)
+        if hasattr(self.model, "latents_std"):  # Qwen-Image: per-channel statistics
+            return self.model.normalize(z)
         return (z - (self.info.shift_factor or 0.0)) * self.info.scaling_factor
 
     def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -164,6 +167,8 @@ class Vae:
         standardisation and patchify (``[B, 4C, h, w]`` → ``[B, C, 2h, 2w]``)."""
         if getattr(self.model, "bn", None) is not None:
             return self.model.bn.denormalize(z)
+        if hasattr(self.model, "latents_std"):
+            return self.model.denormalize(z)
         return z / self.info.scaling_factor + (self.info.shift_factor or 0.0)
 
     # -- encode / decode -------------------------------------------------------------------------------------
