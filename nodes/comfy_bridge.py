@@ -22,7 +22,7 @@ import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
 
-from ..vae_core import Vae, VaeLoadError
+from ..vae_core import AutoencoderKL, Vae, VaeLoadError
 from ..vae_core.attach import HostEngine
 from ..vae_core.model_tiny import TinyAutoencoder
 from ..vae_core.precision import GuardState, guarded
@@ -58,6 +58,8 @@ def comfy_knows(vae: Vae) -> bool:
     knows ``bn.running_mean`` (v0.3.64 does not)."""
     if isinstance(vae.model, TinyAutoencoder):
         return vae.model.config.has_encoder and vae.model.config.has_decoder
+    if not isinstance(vae.model, AutoencoderKL):
+        return False  # Qwen-Image: v0.3.64's Wan VAE assumes Wan's widths and video (5-D) latents
     if not vae.model.config.latent_bn:
         return vae.model.config.decoder_ch is None
     return "bn.running_mean" in inspect.getsource(comfy.sd.VAE.__init__)

@@ -92,9 +92,10 @@ def _to_image(x: torch.Tensor) -> torch.Tensor:
 def describe(report: TileReport, tile: Any) -> str:
     if not report.tiles:
         return f"untiled (tile {tile}: the image fits)"
-    extra = report.flops_total / max(1, report.flops_useful)
-    return (f"{report.schedule} tiling, {report.tiles} tiles, {report.sweeps} sweeps, {extra:.2f}x the untiled "
-            f"convolution FLOPs, cache {report.cache_peak / 2**20:.0f} MiB")
+    text = f"{report.schedule} tiling, {report.tiles} tiles, {report.sweeps} sweeps"
+    if report.flops_useful:  # the GroupNorm engine counts its FLOPs; halo tiling (TAESD, Qwen-Image) does not
+        text += f", {report.flops_total / report.flops_useful:.2f}x the untiled convolution FLOPs"
+    return text + f", cache {report.cache_peak / 2**20:.0f} MiB"
 
 
 def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pixels: int,

@@ -291,3 +291,30 @@ def test_flux2_vae_runs_on_the_engine_with_normalised_latents(comfy, tmp_path):
     assert (image - image_ref).abs().max() < 1e-4 and "tiles" in note
     latent, _ = _node(comfy, "VaePackEncodeTiled").encode(img, vae, 64, "exact")
     assert (latent["samples"] - expected).abs().max() < 1e-3
+
+
+def test_qwen_image_vae_runs_on_the_engine(comfy, tmp_path):
+    """Load VAE on a Qwen-Image VAE: v0.3.64's own Wan VAE assumes Wan's widths and video latents, so the VAE runs
+    vae_core's network on raw 16-channel image latents; core VAE Decode and our tiled nodes take it."""
+    import comfy.sd as csd
+    import folder_paths
+    from test_family_qwen import _qwen
+
+    reference = _qwen()
+    reference.save_pretrained(tmp_path / "qwen")
+    dest = __import__("pathlib").Path(folder_paths.folder_names_and_paths["vae"][0]) / "qwen_image_vae.safetensors"
+    vae_core.save_vae(vae_core.load_vae(tmp_path / "qwen"), dest)
+    try:
+        vae, info = _node(comfy, "VaePackLoader").load("qwen_image_vae.safetensors")
+    finally:
+        dest.unlink()
+    assert isinstance(vae, csd.VAE) and "qwen-image" in info and "runs vae_core's network" in info
+    img = _photo(128)
+    with torch.no_grad():
+        z_ref = reference.encode((img.movedim(-1, 1) * 2 - 1)[:, :, None]).latent_dist.mean[:, :, 0]
+        y_ref = ((reference.decode(z_ref[:, :, None]).sample[:, :, 0] + 1) / 2).clamp(0, 1).movedim(1, -1)
+    z = vae.encode(img)
+    assert z.shape == (1, 16, 16, 16) and (z - z_ref).abs().max() < 1e-4
+    assert (vae.decode(z) - y_ref).abs().max() < 1e-4
+    image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, vae, 64, "exact")
+    assert "halo tiling, 8 tiles" in note and (image - y_ref).abs().max() < 1e-4  # 4 before and 4 after the mid block

@@ -71,6 +71,10 @@ def server(tmp_path_factory):
 
     _flux2().save_pretrained(base / "flux2-diffusers")  # v0.3.64 predates Flux.2: our loader runs vae_core's network
     vae_core.save_vae(vae_core.load_vae(base / "flux2-diffusers"), base / "models" / "vae" / "flux2-ae.safetensors")
+    from test_family_qwen import _qwen
+
+    _qwen().save_pretrained(base / "qwen-diffusers")  # a tiny random Qwen-Image VAE, saved in its original layout
+    vae_core.save_vae(vae_core.load_vae(base / "qwen-diffusers"), base / "models" / "vae" / "qwen_image_vae.safetensors")
     port = _port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     log = open(base / "server.log", "w")
@@ -282,20 +286,22 @@ def test_engine_runs_on_comfy_weights_through_model_management(tmp_path):
     assert probe["rss"]["after_tiled_decode"] - probe["rss"]["after_load"] < 150, probe["rss"]
 
 
-def test_flux2_through_our_loader_into_core_and_tiled_nodes(server):
+@pytest.mark.parametrize("name,family", [("flux2-ae.safetensors", "flux2"), ("qwen_image_vae.safetensors",
+                                                                           "qwen-image")])
+def test_new_families_through_our_loader_into_core_and_tiled_nodes(server, name, family):
     url, _, base = server
-    graph = {"1": {"class_type": "VaePackLoader", "inputs": {"vae_name": "flux2-ae.safetensors"}},
+    graph = {"1": {"class_type": "VaePackLoader", "inputs": {"vae_name": name}},
              "2": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
              "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
              "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
-             "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "flux2-core"}},
+             "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": f"{family}-core"}},
              "6": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["1", 0],
                                                                     "tile_size": 256, "mode": "exact"}},
-             "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "flux2-tiled"}},
+             "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"{family}-tiled"}},
              "8": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
     outputs = _run(url, base, graph)
-    assert "flux2" in outputs["8"]["text"][0] and "runs vae_core's network" in outputs["8"]["text"][0]
-    direct = _direct_roundtrip(base / "models" / "vae" / "flux2-ae.safetensors")
+    assert family in outputs["8"]["text"][0] and "runs vae_core's network" in outputs["8"]["text"][0]
+    direct = _direct_roundtrip(base / "models" / "vae" / name)
     for node in ("5", "7"):  # core VAE Encode/Decode, and our tiled decode, on the engine-backed VAE
         assert np.abs(_saved(base, outputs, node) - direct).max() <= 2.0, node
 

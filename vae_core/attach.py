@@ -29,11 +29,13 @@ from torch import nn
 
 from .convert import infer_config, to_ldm
 from .convert_tiny import is_tiny, tiny_config, tiny_family, tiny_to_canonical
+from .convert_wan import is_wan, wan_config, wan_to_canonical
 from .errors import VaeLoadError
 from .families import resolve_family
 from .loading import check_tensors
 from .model import AutoencoderKL, count_parameters
 from .model_tiny import TinyAutoencoder
+from .model_wan import WanImageVAE
 from .vae import Vae, VaeInfo
 
 __all__ = ["HostEngine"]
@@ -70,9 +72,14 @@ class HostEngine:
         # Trace each LDM key back to its host key: convert meta stand-ins and follow views to their base.
         stand_ins = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
         owner = {id(t): k for k, t in stand_ins.items()}
-        tiny = is_tiny(stand_ins)
+        tiny, wan = is_tiny(stand_ins), is_wan(stand_ins)
         if tiny:
             canon, tiny_layout = tiny_to_canonical(stand_ins, self.name)
+        elif wan:
+            canon, wan_layout, wan_prefix = wan_to_canonical(stand_ins, self.name)
+            for stat in ("latents_mean", "latents_std"):  # per-channel statistics, when the host keeps them
+                if wan_prefix + stat in stand_ins:
+                    canon[stat] = stand_ins[wan_prefix + stat]
         else:
             canon, layout = to_ldm(stand_ins, self.name)
         self._sources: dict[str, tuple[str, torch.Size]] = {}
@@ -86,9 +93,16 @@ class HostEngine:
                            if tiny and k not in canon}
         real = {k: tensors[src].reshape(shape) for k, (src, shape) in self._sources.items()}
         check_tensors(real, self.name)
-        cfg = tiny_config(canon, self.name) if tiny else infer_config(canon, self.name)
+        if wan:
+            cfg, temporal = wan_config(canon, self.name)
+            for stat, value in (("latents_mean", 0.0), ("latents_std", 1.0)):
+                if stat not in canon:
+                    self._constants[stat] = torch.full((cfg.z_dim,), value)
+        else:
+            cfg = tiny_config(canon, self.name) if tiny else infer_config(canon, self.name)
         with torch.device("meta"):
-            model = (TinyAutoencoder(cfg) if tiny else AutoencoderKL(cfg)).eval().requires_grad_(False)
+            model = (TinyAutoencoder(cfg) if tiny else WanImageVAE(cfg, temporal) if wan
+                     else AutoencoderKL(cfg)).eval().requires_grad_(False)
         expected = {k: p.shape for k, p in list(model.named_parameters()) + list(model.named_buffers())}
         got = {k: shape for k, (_, shape) in self._sources.items()} | {k: v.shape for k, v in self._constants.items()}
         if expected != got:
@@ -99,7 +113,10 @@ class HostEngine:
             raise VaeLoadError(self.name, f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]} "
                                f"and {len(bad)} mis-shaped {sorted(bad)[:3]} parameters for {kind}",
                                "exactly the parameters of that model")
-        if tiny:
+        if wan:
+            fam, scale, shift, sources = "qwen-image", 1.0, None, {"family": "keys (Wan 2.1 design)"}
+            layout_name, prefix = f"wan-{wan_layout}", wan_prefix
+        elif tiny:
             fam, scale, shift, src = tiny_family(cfg.latent_channels, {k: real[k].float().cpu() for k in
                                                                       ("vae_scale", "vae_shift") if k in real}
                                                  or {"vae_scale": torch.tensor(1.0)})
@@ -147,7 +164,10 @@ class HostEngine:
         like = next(iter(tensors.values()))
         for key, value in self._constants.items():
             owner, leaf = self._slots[key]
-            owner._parameters[leaf] = nn.Parameter(value.to(like.device, like.dtype), requires_grad=False)
+            if key in self._buffers:
+                owner._buffers[leaf] = value.to(like.device)
+            else:
+                owner._parameters[leaf] = nn.Parameter(value.to(like.device, like.dtype), requires_grad=False)
         try:
             yield self.vae
         finally:
