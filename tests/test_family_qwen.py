@@ -133,5 +133,27 @@ def test_near_misses(containers, tmp_path):
         vae_core.load_vae(containers["original-file"], family="sdxl")
     with pytest.raises(vae_core.VaeLoadError, match="Qwen-Image / Wan 2.1-design"):
         vae_core.loading.ldm_state_dict_from_file(containers["original-file"])  # what A1111's dropdown reads
-    with pytest.raises(vae_core.VaeInputError, match="Qwen-Image's RMS-norm stream is not covered"):
-        vae_core.make_fp16_safe(vae_core.load_vae(containers["original-file"]))
+
+
+def test_fp16_fix_by_rms_norm_scale_invariance(containers):
+    """A Qwen-Image VAE whose stream is 2¹⁶× larger (same outputs in fp32) overflows fp16 (the NaN guard has to fall
+    back to fp32); the fix brings it back into range, so fp16 runs without a fallback."""
+    from vae_core.precision_wan import rescale_wan_stream
+
+    big = vae_core.load_vae(containers["original-file"])
+    with torch.no_grad():
+        for side in (big.model.encoder, big.model.decoder):
+            rescale_wan_stream(side, 65536.0)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ref = vae_core.load_vae(containers["original-file"])
+    z_ref, y_ref = ref.encode(x), ref.decode(ref.encode(x))
+    assert (big.encode(x) - z_ref).abs().max() < 1e-3  # the rescaling is exact in fp32
+    unfixed = big.clone().to(torch.float16)
+    assert torch.isfinite(unfixed.decode(z_ref)).all() and unfixed.guard.working_dtype == torch.float32  # overflowed
+    fixed = vae_core.make_fp16_safe(big)
+    assert fixed.info.fp16_fix["peak_after"] < fixed.info.fp16_fix["peak_before"]
+    assert (fixed.decode(z_ref) - y_ref).abs().max() < 1e-3  # unchanged in fp32
+    half = fixed.to(torch.float16)
+    y16 = half.decode(z_ref)
+    assert torch.isfinite(y16).all() and half.dtype == torch.float16 and half.guard.working_dtype is None
+    assert (y16 - y_ref).abs().max() < 0.05

@@ -129,7 +129,7 @@ class Vae:
             self.model.to(device=dev)
         if dtype is not None:
             target, needs_fix = resolve_dtype(dtype, self.device)
-            if needs_fix and self.info.fp16_fix is None and isinstance(self.model, AutoencoderKL):
+            if needs_fix and self.info.fp16_fix is None and not hasattr(self.model.config, "has_decoder"):
                 self._apply_fix(None)
             if target != self.dtype:
                 self.guard.working_dtype = None  # the user asked for another precision: forget the fallback
@@ -137,13 +137,17 @@ class Vae:
         return self
 
     def _apply_fix(self, sample: Optional[torch.Tensor]) -> None:
-        if not isinstance(self.model, AutoencoderKL):
+        from .model_wan import WanImageVAE
+        from .precision_wan import fp16_fix_wan
+
+        if not isinstance(self.model, (AutoencoderKL, WanImageVAE)):
             raise VaeInputError(f"fp16 fix for a {type(self.model).__name__} ({self.info.family}): the fix rescales "
-                                "AutoencoderKL's GroupNorm-normalised residual stream; expected an AutoencoderKL (a "
-                                "tiny autoencoder has no normalisation and small activations: run it in fp16 as it "
-                                "is; Qwen-Image's RMS-norm stream is not covered yet)")
+                                "a GroupNorm- or RMS-norm-normalised residual stream; expected an AutoencoderKL or "
+                                "Qwen-Image's VAE (a tiny autoencoder has no normalisation and small activations: "
+                                "run it in fp16 as it is)")
         dtype = self.dtype
-        fixed, before, after = fp16_fix_model(self.model, sample)
+        fix = fp16_fix_wan if isinstance(self.model, WanImageVAE) else fp16_fix_model
+        fixed, before, after = fix(self.model, sample)
         self.model = fixed.to(dtype=dtype)
         self.info.fp16_fix = {"peak_before": before, "peak_after": after}
         log.info("fp16 fix: largest activation %.4g -> %.4g", before, after)
