@@ -127,7 +127,7 @@ def engine_for(cvae: Any) -> HostEngine:
     """The vae_core engine on ``cvae.first_stage_model``'s own parameters, built once per VAE object.
 
     Raises:
-        VaeLoadError: the VAE is not an SD-family AutoencoderKL (TAESD, video and audio VAEs, ...).
+        VaeLoadError: a VAE of no family vae_core knows (video Wan 2.2, audio, pixel-space VAEs, ...).
     """
     engine = _ENGINES.get(cvae)
     if engine is None:

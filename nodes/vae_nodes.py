@@ -105,13 +105,19 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pi
 
     Returns ``(tensor, note, ran_engine)``: the engine's output (raw latents, or images ``[B, 3, H, W]`` in about
     -1..1) when ``ran_engine``, else ``fallback()``'s, already in ComfyUI's conventions (IMAGE / raw latents)."""
+    video = getattr(vae, "latent_dim", 2) == 3  # e.g. core's Wan VAE for Qwen-Image: latents [B, C, T, h, w]
     try:
         engine_for(vae)
+        if video and method == "decode" and (t.ndim != 5 or t.shape[2] != 1):
+            raise VaeLoadError("latent", f"video latents of shape {tuple(t.shape)}", "a single frame (T = 1)")
     except VaeLoadError as exc:
-        note = (f"not an SD-family AutoencoderKL ({exc.found}); ran ComfyUI's own tiled {method} instead (approximate: "
-                "per-tile colour shifts and blended seams are possible)")
+        note = (f"not a VAE call the engine runs ({exc.found}); ran ComfyUI's own tiled {method} instead "
+                "(approximate: per-tile colour shifts and blended seams are possible)")
         log.warning("VAE Pack tiled %s: %s", method, note)
-        return fallback(), note, False
+        out = fallback()
+        return (out.reshape(-1, *out.shape[-3:]) if method == "decode" and out.ndim == 5 else out), note, False
+    if video and method == "decode":
+        t = t[:, :, 0]  # one frame: the image latents
     progress, cancel = progress_and_cancel()
     tile = tile_size or "auto"
     report = TileReport()
@@ -125,6 +131,8 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pi
         return v.scale_latents(z) if normalised else z
 
     out = run_engine(vae, call, pixels, tiled=tile != "auto")
+    if video and method == "encode":
+        out = out.unsqueeze(2)  # ComfyUI's convention for this VAE: [B, C, 1, h, w]
     return out, f"{mode}: {describe(report, tile)}", True
 
 
@@ -164,7 +172,7 @@ class VaePackDecodeTiled:
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "report")
     OUTPUT_TOOLTIPS = ("The decoded images.", "What ran: tiles, sweeps and FLOPs, or the fallback used for a VAE "
-                       "that is not an SD-family AutoencoderKL.")
+                       "of a family vae_core does not know (video, audio VAEs).")
     FUNCTION = "decode"
 
     @classmethod
@@ -186,7 +194,7 @@ class VaePackEncodeTiled:
     RETURN_TYPES = ("LATENT", "STRING")
     RETURN_NAMES = ("latent", "report")
     OUTPUT_TOOLTIPS = ("The raw latents.", "What ran: tiles, sweeps and FLOPs, or the fallback used for a VAE that "
-                       "is not an SD-family AutoencoderKL.")
+                       "is of a family vae_core does not know (video, audio VAEs).")
     FUNCTION = "encode"
 
     @classmethod
