@@ -1,4 +1,5 @@
-"""vae_core: a host-free library to load, run, tile and fix SD-family VAEs (SD1/2, SDXL, SD3, Flux).
+"""vae_core: a host-free library to load, run, tile and fix image VAEs: SD1/2, SDXL, SD3, Flux, Flux.2, Qwen-Image and
+the tiny autoencoders (TAESD family).
 
 Imports only the standard library, torch, safetensors, numpy and PIL; never ComfyUI or A1111.
 

@@ -2,8 +2,9 @@
 
 A host (ComfyUI, A1111, a diffusers pipeline) already holds the VAE as an ``nn.Module`` whose parameters are named in
 the LDM layout (ComfyUI, A1111's ``first_stage_model``) or the diffusers layout (``diffusers.AutoencoderKL``), bare
-or under a prefix, or a TAESD-design autoencoder in any of its layouts (ComfyUI's ``taesd_encoder``/``taesd_decoder``
-with ``vae_scale``/``vae_shift``, diffusers' ``AutoencoderTiny``). :class:`HostEngine` builds a vae_core :class:`~vae_core.model.AutoencoderKL` *skeleton* on the
+or under a prefix; or a TAESD-design autoencoder (ComfyUI's ``taesd_encoder``/``taesd_decoder`` with
+``vae_scale``/``vae_shift``, diffusers' ``AutoencoderTiny``); or a Wan 2.1-design VAE (Qwen-Image; ComfyUI's Wan VAE,
+diffusers' ``AutoencoderKLQwenImage``). :class:`HostEngine` builds the matching vae_core network as a *skeleton* on the
 meta device once, and for each call points its parameters at the host's current tensors (aliases: same storage;
 diffusers' Linear attention weights ``[C, C]`` are viewed as ``[C, C, 1, 1]``), copying the GroupNorm eps too (an
 fp16 fix changes them). After the call the skeleton is emptied again, so it never keeps a host tensor alive (the host
@@ -88,7 +89,8 @@ class HostEngine:
             if src is None:  # cannot happen with the converters' renames and views; refuse rather than guess
                 raise RuntimeError(f"{self.name}: {key!r} is not a view of a host parameter")
             self._sources[key] = (src, t.shape)
-        # a host without TAESD's latent scaling (diffusers' AutoencoderTiny) speaks TAESD's own latents: scale 1, shift 0
+        # a host without TAESD's latent scaling (diffusers' AutoencoderTiny) speaks TAESD's own latents: scale 1,
+        # shift 0
         self._constants = {k: torch.tensor(v) for k, v in (("vae_scale", 1.0), ("vae_shift", 0.0))
                            if tiny and k not in canon}
         real = {k: tensors[src].reshape(shape) for k, (src, shape) in self._sources.items()}

@@ -216,7 +216,8 @@ def _load_tiny(raw: RawWeights, path: Union[str, os.PathLike], family: Optional[
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
         raise VaeLoadError(where, f"{len(missing)} missing keys {missing[:4]} and {len(unexpected)} unexpected keys "
-                           f"{unexpected[:4]} for a TAESD-design {'encoder+decoder' if cfg.has_encoder and cfg.has_decoder else 'half'}",
+                           f"{unexpected[:4]} for a TAESD-design "
+                           f"{'encoder+decoder' if cfg.has_encoder and cfg.has_decoder else 'half'}",
                            "exactly the keys of that autoencoder")
     bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in model.state_dict().items()
            if tuple(sd[k].shape) != tuple(v.shape)]
@@ -226,7 +227,8 @@ def _load_tiny(raw: RawWeights, path: Union[str, os.PathLike], family: Optional[
     model = model.eval().requires_grad_(False)
     stored = {str(v.dtype).replace("torch.", "") for v in raw.state_dict.values()}
     info = VaeInfo(path=str(path), container=container, layout=f"taesd-{layout}", prefix="", family=fam,
-                   latent_channels=cfg.latent_channels, scaling_factor=scale, shift_factor=shift or None, stored_dtype="/".join(sorted(stored)),
+                   latent_channels=cfg.latent_channels, scaling_factor=scale, shift_factor=shift or None,
+                   stored_dtype="/".join(sorted(stored)),
                    parameters=count_parameters(model), config=cfg,
                    sources={"family": src, "scaling_factor": src, "shift_factor": src, **sources},
                    weights_file=str(where))
@@ -378,7 +380,8 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
             sd = wan_to_diffusers(sd, vae.model.config.num_res_blocks)
     elif layout == "diffusers":
         sd = {k: v.contiguous() for k, v in ldm_to_diffusers(sd).items()}
-    if getattr(vae.model.config, "latent_bn", False):  # Flux.2: BatchNorm bookkeeping as in the originals; BFL nests the quant convs
+    if getattr(vae.model.config, "latent_bn", False):  # Flux.2: BatchNorm bookkeeping as in the originals; BFL
+        # nests the quant convs
         sd["bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
         if layout == "ldm":
             sd = nest_flux2(sd)

@@ -4,8 +4,8 @@ with the RMS norm's scale invariance (``normalize(s·x) = normalize(x)`` for ``s
 Every read of the residual stream goes through an RMS norm except the residual adds, the 1×1 shortcuts and the
 resamplers, so the whole stream of the encoder (and, separately, of the decoder) can be multiplied by one power of
 two ``s`` by rescaling what writes into it: ``conv1`` (conv_in) weight and bias, each residual block's last conv,
-each attention block's ``proj``, and the biases of the shortcuts and resamplers (their input is already scaled). Each residual
-block's first conv feeds only an RMS norm and takes a free factor of its own. The heads start with an RMS norm, so
+each attention block's ``proj``, and the biases of the shortcuts and resamplers (their input is already scaled).
+Each residual block's first conv feeds only an RMS norm and takes a free factor of its own. The heads start with an RMS norm, so
 the outputs are unchanged; in fp32 the rescaled model computes the same function to rounding.
 """
 from __future__ import annotations
