@@ -15,10 +15,11 @@ import torch
 import folder_paths
 
 from ..vae_core import VaeLoadError, load_vae, make_fp16_safe
+from ..vae_core.lab import compare_pair
 from ..vae_core.formats import find_diffusers_folder, is_weight_file
 from ..vae_core.tiling import TileReport
 from ..vae_core.walk import walk_model_dirs
-from .comfy_bridge import comfy_tiled, engine_for, guard_comfy_vae, progress_and_cancel, run_engine, to_comfy_vae
+from .comfy_bridge import comfy_roundtrip, comfy_tiled, engine_for, guard_comfy_vae, progress_and_cancel, run_engine, to_comfy_vae
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,36 @@ class VaePackFp16Fix:
         return guard_comfy_vae(new), f"{report}; running in {str(dtype).replace('torch.', '')} with a NaN guard"
 
 
+class VaePackCompare:
+    DESCRIPTION = "Round-trips an image through two VAEs (encode + decode) and shows both side by side, an error heat " \
+                  "map against the original, and PSNR / SSIM / MS-SSIM (the VAE lab's metrics)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("round_trips", "heat_map", "metrics")
+    OUTPUT_TOOLTIPS = ("A's round trip (left) and B's (right).", "|round trip - original| x4 for A (left) and B "
+                       "(right): black = identical.", "PSNR, SSIM, MS-SSIM and time per VAE, and A vs B.")
+    FUNCTION = "compare"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"image": ("IMAGE",), "vae_a": ("VAE",), "vae_b": ("VAE",)},
+                "optional": {"tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
+                                                   "tooltip": "Tile edge in image pixels; 0 = untiled."}),
+                             "mode": _MODE,
+                             "precision": (["as loaded", "fp32", "bf16", "fp16"], {"default": "as loaded"})}}
+
+    def compare(self, image: torch.Tensor, vae_a: Any, vae_b: Any, tile_size: int = 0, mode: str = "exact",
+                precision: str = "as loaded") -> tuple[torch.Tensor, torch.Tensor, str]:
+        ratio = max(int(v.spacial_compression_encode()) for v in (vae_a, vae_b))
+        x = _to_model(image, ratio).float().cpu()
+        (ya, ta, how_a), (yb, tb, how_b) = (comfy_roundtrip(v, x, tile_size, mode, precision) for v in (vae_a, vae_b))
+        pair, heat, text = compare_pair(x, ya, yb, (how_a, how_b), (ta, tb))
+        return pair.movedim(1, -1), heat.movedim(1, -1), text
+
+
 NODE_CLASS_MAPPINGS = {"VaePackLoader": VaePackLoader, "VaePackDecodeTiled": VaePackDecodeTiled,
-                       "VaePackEncodeTiled": VaePackEncodeTiled, "VaePackFp16Fix": VaePackFp16Fix}
+                       "VaePackEncodeTiled": VaePackEncodeTiled, "VaePackFp16Fix": VaePackFp16Fix,
+                       "VaePackCompare": VaePackCompare}
 NODE_DISPLAY_NAME_MAPPINGS = {"VaePackLoader": "Load VAE (any format)", "VaePackDecodeTiled": "VAE Decode (Tiled, exact)",
-                              "VaePackEncodeTiled": "VAE Encode (Tiled, exact)", "VaePackFp16Fix": "VAE fp16 Fix"}
+                              "VaePackEncodeTiled": "VAE Encode (Tiled, exact)", "VaePackFp16Fix": "VAE fp16 Fix",
+                              "VaePackCompare": "VAE Compare"}

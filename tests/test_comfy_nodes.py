@@ -59,7 +59,8 @@ def _photo(size=128) -> torch.Tensor:
 
 def test_mappings_and_contract(comfy):
     maps, names = comfy.NODE_CLASS_MAPPINGS, comfy.NODE_DISPLAY_NAME_MAPPINGS
-    assert set(maps) == {"VaePackLoader", "VaePackDecodeTiled", "VaePackEncodeTiled", "VaePackFp16Fix"}
+    assert set(maps) == {"VaePackLoader", "VaePackDecodeTiled", "VaePackEncodeTiled", "VaePackFp16Fix",
+                         "VaePackCompare"}
     assert not set(maps) & CORE_NAMES and set(names) == set(maps)
     for cls in maps.values():
         spec = cls.INPUT_TYPES()
@@ -169,6 +170,35 @@ def test_fp16_fix_node_makes_core_decode_finite_in_fp16(comfy):
     # without the fix the guard catches the overflow and retries in fp32
     guarded, _ = _node(comfy, "VaePackFp16Fix").apply(overflowing, False, "fp16")
     assert torch.isfinite(guarded.decode(guarded.encode(img))).all() and guarded.vae_dtype == torch.float32
+
+
+def test_compare_node_round_trips_side_by_side_with_heat_map_and_metrics(comfy):
+    import comfy.sd as csd
+    from safetensors.torch import load_file
+
+    from vae_core import metrics
+
+    ours, _ = _node(comfy, "VaePackLoader").load("mini-ldm.safetensors")
+    bridge = sys.modules["vae_pack_under_test.nodes.comfy_bridge"]
+    core_vae = csd.VAE(sd={k: v.float() for k, v in load_file(str(MINI_LDM)).items()},  # diffusers' network
+                       config=bridge.comfy_config(vae_core.load_vae(MINI_LDM)))
+    img = _photo(200)  # cropped to 200 (a multiple of 8) like VAE Encode
+    x = img.movedim(-1, 1) * 2 - 1
+    ref = vae_core.load_vae(MINI_LDM)
+    y = ((ref.decode(ref.encode(x)) + 1) / 2).clamp(0, 1)
+    pair, heat, text = _node(comfy, "VaePackCompare").compare(img, ours, core_vae, 64, "exact", "as loaded")
+    assert pair.shape == heat.shape == (1, 200, 400, 3)
+    assert (pair[:, :, :200] - y.movedim(1, -1)).abs().max() < 1e-4  # A: exact tiling = untiled round trip
+    assert (pair[:, :, 200:] - y.movedim(1, -1)).abs().max() < 1e-4  # B: the same weights in core's VAE
+    expected = metrics.heatmap(metrics.to_unit(x)[0], y[0].double(), 4.0).float().movedim(0, -1)
+    assert (heat[0, :, :200] - expected).abs().max() < 1e-3 and heat.max() > 0.5  # |A - original| × 4
+    psnr = metrics.psnr(metrics.to_unit(x), y.double())
+    assert f"PSNR {psnr:.2f} dB" in text and text.count("tile 64 exact") == 2 and "A vs B: PSNR" in text
+    _, _, text = _node(comfy, "VaePackCompare").compare(img[:, :64, :64], ours, ours, 0, "exact", "fp16")
+    assert text.count("fp16, untiled") == 2 and "A vs B: PSNR inf dB, largest difference 0/255" in text
+    pixel = csd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})  # one vae_core does not know: ComfyUI's own calls
+    pair, _, text = _node(comfy, "VaePackCompare").compare(img[:, :64, :64], ours, pixel)
+    assert "B ComfyUI's own encode/decode" in text and (pair[:, :, 64:] - img[:, :64, :64]).abs().max() < 1e-6
 
 
 def _storages(tensors) -> set[int]:

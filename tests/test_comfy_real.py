@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -370,3 +371,37 @@ def test_qwen_image_vae_from_core_loader_runs_exact_tiling(server):
     assert core.std() > 5  # a non-trivial image
     assert np.abs(_saved(base, outputs, "6") - core).max() <= 1.0  # our exact tiled decode = core VAE Decode
     assert np.abs(_saved(base, outputs, "12") - core).max() <= 1.0  # our tiled encode = core VAE Encode's latent
+
+
+def test_vae_compare_node_in_a_real_graph(server):
+    """VAE Compare with our loader's VAE (A, exact tiling) and core's TAESD (B): A's half equals a direct vae_core
+    round trip, B's half core VAE Encode + Decode, and the metrics text gives A's PSNR against the photo."""
+    url, info, base = server
+    assert "VaePackCompare" in info and info["VaePackCompare"]["display_name"] == "VAE Compare"
+    graph = {"1": {"class_type": "VaePackLoader", "inputs": {"vae_name": "mini-vae-ldm.safetensors"}},
+             "2": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-taesd.safetensors"}},
+             "3": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "4": {"class_type": "VaePackCompare", "inputs": {"image": ["3", 0], "vae_a": ["1", 0], "vae_b": ["2", 0],
+                                                                "tile_size": 128, "mode": "exact",
+                                                                "precision": "as loaded"}},
+             "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "compare-pair"}},
+             "6": {"class_type": "SaveImage", "inputs": {"images": ["4", 1], "filename_prefix": "compare-heat"}},
+             "7": {"class_type": "PreviewAny", "inputs": {"source": ["4", 2]}},
+             "8": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["2", 0]}},
+             "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["2", 0]}},
+             "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "compare-core"}}}
+    outputs = _run(url, base, graph)
+    pair, heat = _saved(base, outputs, "5"), _saved(base, outputs, "6")
+    assert pair.shape == heat.shape == (512, 1024, 3)
+    direct = _direct_roundtrip(base / "models" / "vae" / "mini-vae-ldm.safetensors")
+    assert np.abs(pair[:, :512] - direct).max() <= 2.0
+    assert np.abs(pair[:, 512:] - _saved(base, outputs, "10")).max() <= 2.0  # B = core VAE Encode + Decode
+    text = outputs["7"]["text"][0]
+    from vae_core import metrics
+
+    photo = torch.from_numpy(np.asarray(__import__("PIL.Image").Image.open(SAMPLE).convert("RGB"),
+                                        dtype=np.float64).copy()).permute(2, 0, 1)[None] / 255
+    expected = metrics.psnr(photo, torch.from_numpy(direct.astype(np.float64)).permute(2, 0, 1)[None] / 255)
+    found = float(re.search(r"A .*?PSNR ([0-9.]+) dB", text).group(1))
+    assert abs(found - expected) < 0.05, text
+    assert text.count("tile 128 exact") == 2 and "tiny" in text and heat.max() > 100, text

@@ -336,13 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_roundtrip)
 
     from .bench import add_bench_parser
+    from .lab_cli import add_eval_parser
     add_bench_parser(sub)
+    add_eval_parser(sub)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (0, or 2 after printing ``error: ...`` on stderr)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: "
                         "%(message)s")
     try:

@@ -69,6 +69,8 @@ class VAE:
     def _encode(self, pixel_samples):
         model_management.load_models_gpu([self.patcher], memory_required=1)
         x = self.process_input(pixel_samples[..., :3]).movedim(-1, 1).to(self.device, self.vae_dtype)
+        if isinstance(self.first_stage_model, torch.nn.Identity):  # pixel space: the "latent" is the image in -1..1
+            return x.float().to(self.output_device)
         with torch.no_grad():
             out = self.first_stage_model.encode(x)
         z = out.latents / self.vae_scale + self.vae_shift if self.tiny else \

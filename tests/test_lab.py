@@ -1,0 +1,223 @@
+"""The VAE lab (``python -m vae_core eval``): on the bundled fixture, every combination asked for with its
+references, metrics consistent with an independent computation, aggregates, honest dtype reporting when the NaN
+guard falls back, outputs written atomically, and clear errors."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import vae_core
+from vae_core.cli import main
+from vae_core.images import load_image
+from vae_core.lab import find_images, make_settings, prepare_image
+from conftest import MINI_LDM, SAMPLE
+
+skm = pytest.importorskip("skimage.metrics")
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lab") / "report"
+    code = main(["eval", str(SAMPLE), "--vae", str(MINI_LDM), "--dtype", "fp32", "fp16-fix", "--tile", "none", "128",
+                 "--mode", "exact", "fast", "diffusers", "--size", "384", "-o", str(out)])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_combination_and_its_references(report):
+    out, data = report
+    labels = {s["label"]: s for s in data["settings"]}
+    asked = {s for s, v in labels.items() if v["requested"]}
+    # fp32 × {untiled, 128 exact/fast/diffusers} + fp16-fix × {untiled, 128 exact/fast}; diffusers × fp16-fix left out
+    assert len(asked) == 7 and not any("fp16-fix · tile 128 diffusers" in s for s in labels)
+    assert any("diffusers" in n and "fp16-fix" in n for n in data["notes"])
+    assert {r["setting"] for r in data["runs"]} == set(labels) and len(data["runs"]) == len(labels)
+    assert len(data["summary"]) == 7 and all(row["images"] == 1 for row in data["summary"])
+    for kind in ("report.html", "results.csv", "summary.csv"):
+        assert (out / kind).stat().st_size > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_metrics_match_a_direct_round_trip(report):
+    _, data = report
+    x = prepare_image(load_image(SAMPLE), 384, 8)  # fast differs above its 256² proxy
+    vae = vae_core.load_vae(MINI_LDM)
+    y = vae.decode(vae.encode(x))
+    a = ((x.double() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    b = ((y.double() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    run = next(r for r in data["runs"] if r["setting"] == "mini-vae-ldm · fp32 · untiled")
+    assert run["psnr"] == pytest.approx(skm.peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-6)
+    assert run["ssim"] == pytest.approx(skm.structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, data_range=1.0, channel_axis=2), abs=1e-6)
+    assert 10 < run["psnr"] < 30 and run["ms_ssim"] is not None and run["seconds"] > 0
+    assert run["ran_as"] == "fp32" and run["tiles"] == 0
+
+
+def test_tilers_and_dtypes_against_their_references(report):
+    _, data = report
+    runs = {r["setting"]: r for r in data["runs"]}
+    exact, fast = runs["mini-vae-ldm · fp32 · tile 128 exact"], runs["mini-vae-ldm · fp32 · tile 128 fast"]
+    peer = runs["mini-vae-ldm · fp32 · tile 128 diffusers"]
+    assert exact["tiles"] > 1 and float(exact["psnr_vs_untiled"]) > 100 and exact["max_diff_255"]["untiled"] <= 1
+    assert float(fast["psnr_vs_untiled"]) < 60 and fast["max_diff_255"]["untiled"] > 1  # fast is approximate
+    assert float(peer["psnr_vs_untiled"]) < 60 and peer["psnr_vs_fp32"] is None
+    half = runs["mini-vae-ldm · fp16-fix · untiled"]
+    assert half["ran_as"] == "fp16" and 40 < float(half["psnr_vs_fp32"]) < 120 and half["psnr_vs_untiled"] is None
+    tiled_half = runs["mini-vae-ldm · fp16-fix · tile 128 exact"]
+    assert tiled_half["psnr_vs_fp32"] is not None and tiled_half["psnr_vs_untiled"] is not None
+
+
+def test_csv_and_summary_agree_with_json(report):
+    out, data = report
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == len(data["runs"])
+    by = {(r["dtype"], r["tile"], r["mode"]): r for r in rows}
+    j = next(r for r in data["runs"] if r["setting"] == "mini-vae-ldm · fp32 · tile 128 fast")
+    assert float(by[("fp32", "128", "fast")]["psnr"]) == pytest.approx(j["psnr"])
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert len(summary) == 7 and all(s["images"] == "1" for s in summary)
+
+
+def test_html_is_self_contained_with_crops_and_heat_maps(report):
+    out, data = report
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and html.count("<svg") >= 5  # a chart per metric
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", html)  # nothing fetched from elsewhere
+    images = re.findall(r'src="data:image/png;base64,', html)
+    # original + per requested setting: crop and heat map vs original; + a crop and a thumbnail per reference
+    refs = sum(1 for s in data["settings"] if s["requested"] and s["tile"]) + \
+        sum(1 for s in data["settings"] if s["requested"] and s["dtype"] != "fp32")
+    assert len(images) == 1 + 2 * 7 + 2 * refs
+    assert "mean ± std" in html and "VAE lab report" in html
+
+
+def test_aggregate_over_a_folder_is_mean_and_std(tmp_path, capsys):
+    from PIL import Image
+
+    photos = tmp_path / "photos" / "sub"
+    photos.mkdir(parents=True)
+    full = Image.open(SAMPLE).convert("RGB")
+    for i, box in enumerate([(0, 0, 192, 176), (200, 100, 392, 276), (300, 300, 500, 500)]):
+        full.crop(box).save(photos / f"crop{i}.png")
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "rep"
+    code, stdout, _ = _run(["eval", str(tmp_path / "photos"), "-o", str(out)], capsys)
+    assert code == 0 and "no --vae given" in stdout and "| mini-vae-ldm · fp32 · untiled | fp32 |" in stdout
+    data = json.loads((out / "results.json").read_text())
+    assert [im["name"] for im in data["images"]] == ["crop0.png", "crop1.png", "crop2.png"]
+    assert [(im["width"], im["height"]) for im in data["images"]] == [(192, 176), (192, 176), (200, 200)]
+    vals = [r["psnr"] for r in data["runs"]]
+    (row,) = data["summary"]
+    assert row["psnr"]["mean"] == pytest.approx(np.mean(vals)) and row["psnr"]["std"] == pytest.approx(np.std(vals))
+    assert row["psnr"]["std"] > 0 and row["images"] == 3
+
+
+def _overflowing_vae(path):
+    """The fixture VAE with its residual stream scaled ×256: same fp32 outputs, fp16 overflows."""
+    from vae_core.precision import rescale_stream, stream_segments
+
+    big = vae_core.load_vae(MINI_LDM)
+    enc, dec = stream_segments(big.model)
+    rescale_stream(enc, big.model.encoder.norm_out, [256.0] * len(enc))
+    rescale_stream(dec, big.model.decoder.norm_out, [256.0] * len(dec))
+    vae_core.save_vae(big, path)
+    return path
+
+
+def test_an_fp16_row_that_fell_back_says_so(tmp_path, capsys):
+    vae = _overflowing_vae(tmp_path / "overflow.safetensors")
+    out = tmp_path / "rep"
+    code, stdout, _ = _run(["eval", str(SAMPLE), "--vae", str(vae), "--dtype", "fp16", "fp16-fix", "--size", "64",
+                            "-o", str(out)], capsys)
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    runs = {r["setting"]: r for r in data["runs"]}
+    plain, fixed = runs["overflow · fp16 · untiled"], runs["overflow · fp16-fix · untiled"]
+    assert "fp32" in plain["ran_as"]  # the guard re-ran it: reported, not passed off as fp16
+    assert fixed["ran_as"] == "fp16" and 30 < float(fixed["psnr_vs_fp32"]) < 120
+    assert "class=warn" in (out / "report.html").read_text()
+
+
+def test_two_vaes_compared(tmp_path, capsys):
+    other = tmp_path / "other"
+    vae_core.save_vae(vae_core.load_vae(MINI_LDM), other, layout="diffusers")
+    out = tmp_path / "rep"
+    code, stdout, _ = _run(["eval", str(SAMPLE), "--vae", str(MINI_LDM), "--vae", str(other), "--size", "64", "-o",
+                            str(out)], capsys)
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    a, b = (next(r for r in data["runs"] if r["setting"].startswith(n)) for n in ("mini-vae-ldm ·", "other ·"))
+    assert a["psnr"] == pytest.approx(b["psnr"], abs=1e-4)  # the same weights in two layouts
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "nope.png"], "nope.png: no such file or folder"),
+    (["eval", "--tile", "32"], "'32': not a tile size"),
+    (["eval", "--size", "4"], "expected an integer ≥ 8"),
+    (["eval", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_bad_arguments_are_one_clear_line(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) if argv[1].startswith("--") else _no_exit():
+        code, _, err = _run(argv + ["-o", str(tmp_path / "r")], capsys)
+        assert code == 2 and err.startswith("error: ") and message in err
+    if argv[1].startswith("--"):
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_inputs_outputs_and_families_are_checked_before_work(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(["eval", str(empty), "-o", str(tmp_path / "r")], capsys)
+    assert code == 2 and "a folder with no images" in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run(["eval", "-o", str(tmp_path / "file")], capsys)
+    assert code == 2 and "is an existing file; expected a folder" in err
+    inside = tmp_path / "rep"
+    inside.mkdir()
+    clash = inside / "results.csv"
+    clash.write_bytes(SAMPLE.read_bytes())
+    code, _, err = _run(["eval", str(clash), "-o", str(inside)], capsys)
+    assert code == 2 and "is the input" in err and clash.read_bytes() == SAMPLE.read_bytes()
+    from test_family_tiny import _tiny
+
+    tiny = tmp_path / "taesd"
+    _tiny().save_pretrained(tiny)
+    code, _, err = _run(["eval", "--vae", str(tiny), "--tile", "64", "--mode", "diffusers", "--size", "64", "-o",
+                         str(tmp_path / "t")], capsys)
+    assert code == 2 and "diffusers' tiling row is for kl-f8 AutoencoderKL VAEs" in err
+
+
+def test_settings_and_inputs_helpers(tmp_path):
+    needed, requested, notes = make_settings(["v"], ["fp16"], [256], ["fast"])
+    assert [s.label for s in needed] == ["v · fp32 · untiled", "v · fp16 · untiled", "v · fp32 · tile 256 fast",
+                                         "v · fp16 · tile 256 fast"]
+    assert [s.label for s in requested] == ["v · fp16 · tile 256 fast"] and not notes
+    x = torch.zeros(1, 3, 300, 500)
+    assert prepare_image(x, 256, 8).shape == (1, 3, 256, 256)
+    assert prepare_image(x, None, 16).shape == (1, 3, 288, 496)
+    with pytest.raises(vae_core.VaeInputError, match="at least 8 px"):
+        prepare_image(torch.zeros(1, 3, 5, 40), None, 8)
+    (tmp_path / "a.PNG").write_bytes(SAMPLE.read_bytes())
+    assert find_images([tmp_path]) == [tmp_path / "a.PNG"]
+    assert math.isfinite(float(load_image(tmp_path / "a.PNG").mean()))
