@@ -30,7 +30,8 @@ HOSTS = {
     "comfyui": {
         "archive": "ComfyUI-v0.3.64-a125cd84.tar.gz", "folder": "ComfyUI",
         "constraints": ["torch==2.13.0+cpu"],
-        "steps": [[TORCH, "torchvision==0.28.0"], ["-r", "{src}/requirements.txt.vae-pack", "requests"]],
+        # lpips: the VAE lab's optional LPIPS metric needs torchvision, which only the hosts' venvs have here
+        "steps": [[TORCH, "torchvision==0.28.0"], ["-r", "{src}/requirements.txt.vae-pack", "requests", "lpips==0.1.4"]],
         "drop": ("torch", "torchvision", "torchaudio"),
         "requirements": "requirements.txt",
         "check": "import torchvision; from comfy.cli_args import args; args.cpu = True; import comfy.sd",

@@ -56,10 +56,11 @@ class EngineFirstStage(torch.nn.Module):
 
 def comfy_knows(vae: Vae) -> bool:
     """Whether the running ComfyUI builds this VAE itself: SD-family kl-f8 always; a TAESD with both halves (ComfyUI
-    would fill a missing half with random weights); Flux.2's (latent BatchNorm) only in versions whose VAE loader
+    would fill a missing half with random weights) but not TAEF2 (its pool blocks are newer than ComfyUI's TAESD); Flux.2's (latent BatchNorm) only in versions whose VAE loader
     knows ``bn.running_mean`` (v0.3.64 does not)."""
-    if isinstance(vae.model, TinyAutoencoder):
-        return vae.model.config.has_encoder and vae.model.config.has_decoder
+    if isinstance(vae.model, TinyAutoencoder):  # TAEF2's pool blocks: not in v0.3.64's TAESD (engine VAE)
+        cfg = vae.model.config
+        return cfg.has_encoder and cfg.has_decoder and not cfg.pool
     if not isinstance(vae.model, AutoencoderKL):
         return False  # Qwen-Image: v0.3.64's Wan VAE assumes Wan's widths and video (5-D) latents
     if not vae.model.config.latent_bn:

@@ -123,8 +123,15 @@ def test_other_families_give_a_clear_error_on_selection(a1111, tmp_path):
 
     taesd = a1111["vae_dir"] / "taesd.safetensors"
     save_file({k: v.contiguous() for k, v in AutoencoderTiny().state_dict().items()}, str(taesd))
+    from test_family_taef2 import DEC_POOL, _pool_tensors
+    from test_family_tiny import _original_halves
+
+    taef2 = a1111["vae_dir"] / "taef2_decoder.pth"
+    torch.save(_original_halves(AutoencoderTiny(latent_channels=32))[1] | _pool_tensors(DEC_POOL, 2), taef2)
     try:
         a1111["sd_vae"].refresh_vae_list()
+        with pytest.raises(vae_core.VaeLoadError, match="taef2_decoder.pth: a tiny autoencoder.*AutoencoderKL"):
+            a1111["sd_vae"].load_vae_dict(a1111["sd_vae"].vae_dict["taef2_decoder.pth"], "cpu")
         with pytest.raises(vae_core.VaeLoadError, match="flux2-ae.safetensors: a Flux.2 VAE.*SD-family"):
             a1111["sd_vae"].load_vae_dict(a1111["sd_vae"].vae_dict["flux2-ae.safetensors"], "cpu")
         with pytest.raises(vae_core.VaeLoadError, match="taesd.safetensors: a tiny autoencoder.*AutoencoderKL"):
@@ -132,6 +139,7 @@ def test_other_families_give_a_clear_error_on_selection(a1111, tmp_path):
     finally:
         path.unlink()
         taesd.unlink()
+        taef2.unlink()
         a1111["sd_vae"].refresh_vae_list()
 
 

@@ -289,6 +289,36 @@ def test_loader_lists_and_loads_taesd_from_vae_approx(comfy, tmp_path):
     assert (vae.encode(x) - own / 0.13025).abs().max() < 1e-4  # raw SDXL-VAE latents, as ComfyUI's TAESD gives
 
 
+def test_taef2_from_vae_approx_runs_on_the_engine(comfy, tmp_path):
+    """TAEF2's pool blocks are newer than v0.3.64's TAESD: Load VAE returns ComfyUI's VAE class running vae_core's
+    network (TAEF2's own 32-channel latents), which core-style encode/decode and our tiled nodes use."""
+    import comfy.sd as csd
+    import folder_paths
+    from test_family_taef2 import DEC_POOL, ENC_POOL, _pool_tensors
+    from test_family_tiny import _original_halves, _tiny
+
+    approx = tmp_path / "vae_approx"
+    approx.mkdir()
+    enc, dec = _original_halves(_tiny(32))
+    torch.save(enc | _pool_tensors(ENC_POOL, 1), approx / "taef2_encoder.pth")
+    torch.save(dec | _pool_tensors(DEC_POOL, 2), approx / "taef2_decoder.pth")
+    folder_paths.folder_names_and_paths["vae_approx"] = [str(approx)]
+    try:
+        choices = comfy.NODE_CLASS_MAPPINGS["VaePackLoader"].INPUT_TYPES()["required"]["vae_name"][0]
+        assert "vae_approx/taef2_decoder.pth" in choices and "vae_approx/taef2_encoder.pth" not in choices
+        vae, info = _node(comfy, "VaePackLoader").load("vae_approx/taef2_decoder.pth")
+    finally:
+        del folder_paths.folder_names_and_paths["vae_approx"]
+    assert isinstance(vae, csd.VAE) and vae.vae_pack_engine and "taef2" in info and "runs vae_core's network" in info
+    ref = vae_core.load_vae(approx / "taef2_decoder.pth")
+    x = _photo(128)
+    z = vae.encode(x)  # what core VAE Encode does
+    assert z.shape == (1, 32, 16, 16) and (z - ref.encode(x.movedim(-1, 1) * 2 - 1)).abs().max() < 1e-4
+    direct = vae.decode(z)  # core VAE Decode
+    image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, vae, 64, "exact")
+    assert "halo tiling" in note and (image - direct).abs().max() < 1e-4
+
+
 def test_flux2_vae_runs_on_the_engine_with_normalised_latents(comfy, tmp_path):
     """ComfyUI v0.3.64 predates Flux.2: Load VAE returns a ComfyUI VAE object running vae_core's network with
     Flux.2's normalised 2×2-patchified latents (128 ch at 1/16), which core VAE Decode/Encode and our tiled nodes use."""

@@ -77,6 +77,13 @@ def server(tmp_path_factory):
     _qwen().save_pretrained(base / "qwen-diffusers")  # a tiny random Qwen-Image VAE, saved in its original layout
     vae_core.save_vae(vae_core.load_vae(base / "qwen-diffusers"), base / "models" / "vae" / "qwen_image_vae.safetensors")
     save_file(_qwen_full_size(), str(base / "models" / "vae" / "qwen-full-random.safetensors"))
+    from test_family_taef2 import DEC_POOL, ENC_POOL, _pool_tensors
+    from test_family_tiny import _original_halves, _tiny
+
+    enc, dec = _original_halves(_tiny(32))  # a random TAEF2 in ComfyUI's single-file TAESD keys
+    taef2 = {f"taesd_encoder.{k}": v for k, v in (enc | _pool_tensors(ENC_POOL, 1)).items()}
+    taef2 |= {f"taesd_decoder.{k}": v for k, v in (dec | _pool_tensors(DEC_POOL, 2)).items()}
+    save_file({k: v.contiguous() for k, v in taef2.items()}, str(base / "models" / "vae" / "taef2-random.safetensors"))
     port = _port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     log = open(base / "server.log", "w")
@@ -309,7 +316,8 @@ def test_engine_runs_on_comfy_weights_through_model_management(tmp_path):
 
 
 @pytest.mark.parametrize("name,family", [("flux2-ae.safetensors", "flux2"), ("qwen_image_vae.safetensors",
-                                                                           "qwen-image")])
+                                                                           "qwen-image"),
+                                         ("taef2-random.safetensors", "taef2")])
 def test_new_families_through_our_loader_into_core_and_tiled_nodes(server, name, family):
     url, _, base = server
     graph = {"1": {"class_type": "VaePackLoader", "inputs": {"vae_name": name}},

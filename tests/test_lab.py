@@ -221,3 +221,11 @@ def test_settings_and_inputs_helpers(tmp_path):
     (tmp_path / "a.PNG").write_bytes(SAMPLE.read_bytes())
     assert find_images([tmp_path]) == [tmp_path / "a.PNG"]
     assert math.isfinite(float(load_image(tmp_path / "a.PNG").mean()))
+
+
+def test_roundtrip_names_the_dtype_it_ran():
+    from vae_core.lab import roundtrip
+
+    vae = vae_core.load_vae(MINI_LDM).to("bf16")
+    y, ran = roundtrip(vae, torch.zeros(1, 3, 16, 16), None)
+    assert ran == "bf16" and y.dtype == torch.float32 and vae.dtype == torch.bfloat16

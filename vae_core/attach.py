@@ -74,8 +74,13 @@ class HostEngine:
         stand_ins = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
         owner = {id(t): k for k, t in stand_ins.items()}
         tiny, wan = is_tiny(stand_ins), is_wan(stand_ins)
+        tiny_keys = stand_ins
+        for prefix in ("vae.", "first_stage_model."):  # e.g. ComfyUI's engine-backed VAE holds our network as `vae`
+            sub = {k[len(prefix):]: t for k, t in stand_ins.items() if k.startswith(prefix)}
+            if not tiny and not wan and sub and is_tiny(sub):
+                tiny, tiny_keys = True, sub
         if tiny:
-            canon, tiny_layout = tiny_to_canonical(stand_ins, self.name)
+            canon, tiny_layout = tiny_to_canonical(tiny_keys, self.name)
         elif wan:
             canon, wan_layout, wan_prefix = wan_to_canonical(stand_ins, self.name)
             for stat in ("latents_mean", "latents_std"):  # per-channel statistics, when the host keeps them
@@ -121,7 +126,7 @@ class HostEngine:
         elif tiny:
             fam, scale, shift, src = tiny_family(cfg.latent_channels, {k: real[k].float().cpu() for k in
                                                                       ("vae_scale", "vae_shift") if k in real}
-                                                 or {"vae_scale": torch.tensor(1.0)})
+                                                 or {"vae_scale": torch.tensor(1.0)}, pool=cfg.pool)
             sources = {"family": src, "scaling_factor": src, "shift_factor": src}
             layout_name, prefix, shift = f"taesd-{tiny_layout}", "", shift or None
         else:

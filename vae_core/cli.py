@@ -160,8 +160,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   "halos around the mid block; scale_latents uses per-channel latents_mean/latents_std")
         elif not isinstance(vae.model, AutoencoderKL):
             halves = " + ".join(h for h, ok in (("encoder", cfg.has_encoder), ("decoder", cfg.has_decoder)) if ok)
-            print(f"network         tiny autoencoder (TAESD design, 64 channels, no norm, no attention): {halves}; "
-                  "tiling is exact with halos; raw latents in and out (vae_scale/vae_shift at the boundary)")
+            if cfg.pool:
+                print(f"network         tiny autoencoder (TAEF2: TAESD design, 64 channels, GroupNorm pool branches "
+                      f"in the six latent-resolution blocks): {halves}; tiling is exact with halos, the pool blocks "
+                      "run untiled at latent resolution; TAEF2's own latents in and out")
+            else:
+                print(f"network         tiny autoencoder (TAESD design, 64 channels, no norm, no attention): {halves}; "
+                      "tiling is exact with halos; raw latents in and out (vae_scale/vae_shift at the boundary)")
         else:
             widths = cfg.encoder_widths if cfg.decoder_ch is None else \
                 f"{cfg.encoder_widths} (decoder {cfg.decoder_widths})"

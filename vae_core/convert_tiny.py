@@ -19,14 +19,16 @@ from typing import Mapping, Optional
 import torch
 
 from .errors import VaeLoadError
-from .model_tiny import TinyConfig
+from .model_tiny import DECODER_POOL_BLOCKS, ENCODER_POOL_BLOCKS, POOL_GROUPS, POOL_WIDTH, WIDTH, TinyConfig
 
 __all__ = ["TINY_FAMILIES", "is_tiny", "tiny_to_canonical", "canonical_to_diffusers", "tiny_config", "merge_halves",
            "tiny_family"]
 
 #: variant -> (latent channels, vae_scale, vae_shift): TAESD latents = (raw - shift) · scale of the matching VAE.
+#: TAEF2 (FLUX.2, recognised by its pool blocks) speaks its own latents: no published scaling, 1/0 as in
+#: madebyollin's taesd.py, which feeds the decoder what the encoder gives.
 TINY_FAMILIES = {"taesd": (4, 0.18215, 0.0), "taesdxl": (4, 0.13025, 0.0), "taesd3": (16, 1.5305, 0.0609),
-                 "taef1": (16, 0.3611, 0.1159)}
+                 "taef1": (16, 0.3611, 0.1159), "taef2": (32, 1.0, 0.0)}
 _DEFAULT = {4: "taesd", 16: "taef1"}
 
 _ENC_FIRST, _ENC_LAST = "0.weight", "14.weight"      # conv(3, 64) and conv(64, latent) of the encoder
@@ -101,11 +103,37 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str, path: object, expected: str
     return tuple(sd[key].shape)
 
 
+#: TAEF2's pool-branch tensors per block, with their shapes.
+_POOL_SHAPES = {"pool.0.weight": (POOL_WIDTH, WIDTH, 1, 1), "pool.1.weight": (POOL_WIDTH,),
+                "pool.1.bias": (POOL_WIDTH,), "pool.3.weight": (WIDTH, POOL_WIDTH, 1, 1)}
+
+
+def _pool_half(sd: Mapping[str, torch.Tensor], half: str, path: object) -> bool:
+    """Whether a canonical half has TAEF2's pool blocks, checking that it has all of them, in the right blocks, with
+    the right shapes (a half with some of them is a near miss, named)."""
+    keys = {k for k in sd if k.startswith(half + ".") and ".pool." in k}
+    if not keys:
+        return False
+    blocks = ENCODER_POOL_BLOCKS if half == "encoder" else DECODER_POOL_BLOCKS
+    expected = {f"{half}.{b}.{name}": shape for b in blocks for name, shape in _POOL_SHAPES.items()}
+    extra, missing = sorted(keys - set(expected)), sorted(set(expected) - keys)
+    if extra or missing:
+        raise VaeLoadError(path, f"a TAEF2-style {half} with pool (GroupNorm) tensors missing {missing[:4]} and "
+                           f"unexpected {extra[:4]}", f"all four pool tensors in each of the {half} blocks {list(blocks)} "
+                           "(TAEF2), or none (TAESD, TAEF1)")
+    bad = [f"{k}: {tuple(sd[k].shape)}" for k, shape in expected.items() if tuple(sd[k].shape) != shape]
+    if bad:
+        raise VaeLoadError(path, f"TAEF2 pool tensors of shapes {bad[:3]}", f"{POOL_WIDTH}×{WIDTH} 1×1 convs and a "
+                           f"GroupNorm({POOL_GROUPS}, {POOL_WIDTH}) (TAEF2's pool branch)")
+    return True
+
+
 def tiny_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>") -> TinyConfig:
-    """Latent channels and which halves exist, from a canonical state dict's shapes.
+    """Latent channels, which halves exist and whether they have TAEF2's pool blocks, from a canonical state dict.
 
     Raises:
-        VaeLoadError: first/last convs missing or of the wrong shape (naming the key).
+        VaeLoadError: first/last convs missing or of the wrong shape (naming the key); pool tensors incomplete, in
+            other blocks or of other shapes; halves of different designs.
     """
     enc = any(k.startswith("encoder.") for k in sd)
     dec = any(k.startswith("decoder.") for k in sd)
@@ -129,7 +157,11 @@ def tiny_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>") -
         latent = first[1]
     if latent is None or latent <= 0 or latent > 256:
         raise VaeLoadError(path, f"latent channels {latent}", "an encoder or decoder with 1..256 latent channels")
-    return TinyConfig(latent_channels=int(latent), has_encoder=enc, has_decoder=dec)
+    pools = {h: _pool_half(sd, h, path) for h, present in (("encoder", enc), ("decoder", dec)) if present}
+    if len(set(pools.values())) > 1:
+        raise VaeLoadError(path, f"an {'encoder' if pools['encoder'] else 'decoder'} with TAEF2's pool blocks and "
+                           f"a{' decoder' if pools['encoder'] else 'n encoder'} without", "two halves of one design")
+    return TinyConfig(latent_channels=int(latent), has_encoder=enc, has_decoder=dec, pool=any(pools.values()))
 
 
 def merge_halves(encoder_sd: Mapping[str, torch.Tensor], decoder_sd: Mapping[str, torch.Tensor]
@@ -144,12 +176,13 @@ def merge_halves(encoder_sd: Mapping[str, torch.Tensor], decoder_sd: Mapping[str
 
 
 def tiny_family(latent_channels: int, sd: Mapping[str, torch.Tensor], family: Optional[str] = None,
-                name_hint: str = "") -> tuple[str, float, float, str]:
+                name_hint: str = "", pool: bool = False) -> tuple[str, float, float, str]:
     """``(family, vae_scale, vae_shift, source)``: from an explicit ``family``, the file's own ``vae_scale``/
-    ``vae_shift`` (ComfyUI), the file name (``taesdxl``, ``taesd3``, ``taef1``), else the default per channels."""
+    ``vae_shift`` (ComfyUI), TAEF2's pool blocks (``pool``), the file name (``taesdxl``, ``taesd3``, ``taef1``),
+    else the default per channels."""
     if family is not None:
-        if family not in TINY_FAMILIES or TINY_FAMILIES[family][0] != latent_channels:
-            known = [f for f, v in TINY_FAMILIES.items() if v[0] == latent_channels]
+        if family not in TINY_FAMILIES or TINY_FAMILIES[family][0] != latent_channels or pool != (family == "taef2"):
+            known = [f for f, v in TINY_FAMILIES.items() if v[0] == latent_channels and pool == (f == "taef2")]
             raise VaeLoadError("family", f"{family!r} for a tiny autoencoder with {latent_channels} latent channels",
                                f"one of {known}")
         return family, TINY_FAMILIES[family][1], TINY_FAMILIES[family][2], "argument"
@@ -160,6 +193,10 @@ def tiny_family(latent_channels: int, sd: Mapping[str, torch.Tensor], family: Op
             if ch == latent_channels and abs(s - scale) < 1e-6 and abs(h - shift) < 1e-6:
                 return name, scale, shift, "vae_scale/vae_shift in the file"
         return "custom-tiny", scale, shift, "vae_scale/vae_shift in the file"
+    if pool:
+        if latent_channels == TINY_FAMILIES["taef2"][0]:
+            return "taef2", 1.0, 0.0, "TAEF2's pool (GroupNorm) blocks and 32 latent channels"
+        return "custom-tiny", 1.0, 0.0, f"pool blocks like TAEF2's but {latent_channels} latent channels"
     tokens = set(re.split(r"[^a-z0-9]+", name_hint.lower()))
     for name in ("taesdxl", "taesd3", "taef1", "taesd"):
         if any(t.startswith(name) for t in tokens) and TINY_FAMILIES[name][0] == latent_channels:

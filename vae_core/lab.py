@@ -49,6 +49,7 @@ DTYPE_CHOICES = ("fp32", "bf16", "fp16", "fp16-fix")
 MODE_CHOICES = ("exact", "fast", "diffusers")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp16-fix": torch.float16}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 #: The numbers of a run, in table order: (key, label, unit, higher is better).
 METRICS = (("psnr", "PSNR", "dB", True), ("ssim", "SSIM", "", True), ("ms_ssim", "MS-SSIM", "", True),
            ("lpips", "LPIPS", "", False), ("seconds", "round trip", "s", False),
@@ -267,8 +268,7 @@ def roundtrip(vae: Vae, x: torch.Tensor, tile: Optional[int], mode: str = "exact
         vae.guard.working_dtype = None
         if vae.dtype != dtype:
             vae.model.to(dtype=dtype)
-    names = [str(d).replace("torch.", "").replace("float32", "fp32").replace("float16", "fp16")
-             .replace("bfloat16", "bf16") for d in used]
+    names = [_DTYPE_NAMES.get(d, str(d).replace("torch.", "")) for d in used]
     return out, names[0] if names[0] == names[1] else f"{names[0]} encode, {names[1]} decode"
 
 

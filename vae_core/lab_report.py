@@ -176,9 +176,9 @@ _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d1d1f;background:#fff}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px}h3{font-size:15px;margin:18px 0 6px}
 .meta{color:#555;margin-bottom:12px}table{border-collapse:collapse;margin:6px 0 12px}
-th,td{border:1px solid #d6d6d6;padding:3px 8px;text-align:right;white-space:nowrap}
+th,td{border:1px solid #d6d6d6;padding:2px 6px;text-align:right;white-space:nowrap;font-size:13px}
 th{background:#f2f2f2}td.l,th.l{text-align:left}tr.warn td{background:#fff4e5}
-.charts{display:flex;flex-wrap:wrap;gap:16px}.chart{border:1px solid #e2e2e2;padding:6px}
+.charts{display:flex;flex-wrap:wrap;gap:12px}.chart{border:1px solid #e2e2e2;padding:6px}
 .grid{display:grid;gap:8px;align-items:start}.cell{font-size:12px;text-align:center}
 .cell img{display:block;image-rendering:pixelated;border:1px solid #ccc;margin:0 auto 2px}
 .rowlabel{font-size:12px;font-weight:600;align-self:center;text-align:right}
@@ -199,17 +199,17 @@ def _chart(rows: list[dict[str, Any]], key: str, label: str, unit: str, higher: 
     finite = [m * scale + (0 if math.isnan(s) else s * scale) for _, (m, s) in vals if not math.isinf(m)]
     top = max(finite) if finite else 1.0
     top = top * 1.05 if top > 0 else 1.0
-    lw, bw, bh = 300, 260, 18
-    height = 30 + bh * len(vals) + 6 * len(vals)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{lw + bw + 90}" height="{height}" role="img" '
+    lw, bw, bh = 250, 200, 16
+    height = 30 + (bh + 5) * len(vals)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{lw + bw + 80}" height="{height}" role="img" '
              f'aria-label="{html.escape(label)}">',
              f'<text x="4" y="16" font-size="13" font-weight="600">{html.escape(label)}'
              f'{" (" + unit + ")" if unit else ""} — {"higher" if higher else "lower"} is better</text>']
     for i, (s, (m, sd)) in enumerate(vals):
-        y = 28 + i * (bh + 6)
+        y = 28 + i * (bh + 5)
         inf = math.isinf(m)
         length = bw if inf else max(0.0, m * scale / top * bw)
-        parts.append(f'<text x="{lw - 6}" y="{y + 13}" font-size="11" text-anchor="end">{html.escape(s.label)}</text>')
+        parts.append(f'<text x="{lw - 6}" y="{y + 12}" font-size="11" text-anchor="end">{html.escape(s.label)}</text>')
         parts.append(f'<rect x="{lw}" y="{y}" width="{length:.1f}" height="{bh}" fill="{colours[s.vae]}"'
                      f'{" fill-opacity=0.45" if inf else ""}/>')
         if not inf and not math.isnan(sd) and sd > 0:
@@ -217,7 +217,7 @@ def _chart(rows: list[dict[str, Any]], key: str, label: str, unit: str, higher: 
             parts.append(f'<line x1="{lw + max(0, a):.1f}" x2="{lw + b:.1f}" y1="{y + bh / 2}" y2="{y + bh / 2}" '
                          'stroke="#111" stroke-width="1.5"/>')
         text = "∞ (identical)" if inf else _num(m, key)
-        parts.append(f'<text x="{lw + length + 4:.1f}" y="{y + 13}" font-size="11">{text}</text>')
+        parts.append(f'<text x="{lw + length + 4:.1f}" y="{y + 12}" font-size="11">{text}</text>')
     parts.append("</svg>")
     return '<div class="chart">' + "".join(parts) + "</div>"
 
@@ -234,7 +234,7 @@ def _table(result: LabResult, rows: list[dict[str, Any]]) -> str:
             text = _ms(row[k], k)
             kind = k.removeprefix("psnr_vs_")
             if kind in row["max_diff_255"]:
-                text += f" <span class=note>(max {row['max_diff_255'][kind]}/255)</span>"
+                text += f"<br><span class=note>max {row['max_diff_255'][kind]}/255</span>"
             cells.append(f"<td>{text}</td>")
         out.append(f'<tr{" class=warn" if fell_back else ""}><td class="l">{html.escape(s.label)}</td>'
                    f'<td class="l">{html.escape(", ".join(row["ran_as"]))}</td><td>{row["images"]}</td>'

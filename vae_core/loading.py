@@ -207,7 +207,7 @@ def _load_tiny(raw: RawWeights, path: Union[str, os.PathLike], family: Optional[
                 sources["weights"] = f"{Path(where).name} + {twin.name}"
     check_tensors(sd, where)
     cfg = tiny_config(sd, where)
-    fam, scale, shift, src = tiny_family(cfg.latent_channels, sd, family, name_hint=Path(where).name)
+    fam, scale, shift, src = tiny_family(cfg.latent_channels, sd, family, name_hint=Path(where).name, pool=cfg.pool)
     sd.setdefault("vae_scale", torch.tensor(scale))
     sd.setdefault("vae_shift", torch.tensor(shift))
     with torch.device("meta"):
@@ -371,6 +371,10 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
     weights = out / "diffusion_pytorch_model.safetensors" if as_folder else out
     _refuse_own_input(vae, [weights] + ([out / "config.json"] if as_folder else []), out if as_folder else None)
 
+    if isinstance(vae.model, TinyAutoencoder) and vae.model.config.pool and layout == "diffusers":
+        raise VaeInputError(f"save_vae(layout='diffusers') of a {info.family} VAE ({info.path}): diffusers' "
+                            "AutoencoderTiny has no pool (GroupNorm) blocks, so it could not load the file; expected "
+                            "layout='ldm' (ComfyUI's taesd_* keys)")
     sd = {k: (v.to(target) if target else v).detach().to("cpu").contiguous() for k, v in vae.model.state_dict().items()}
     if isinstance(vae.model, TinyAutoencoder):  # ComfyUI's single-file form, or diffusers' AutoencoderTiny
         sd = canonical_to_diffusers(sd) if layout == "diffusers" else \
