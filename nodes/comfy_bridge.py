@@ -56,8 +56,8 @@ class EngineFirstStage(torch.nn.Module):
 
 def comfy_knows(vae: Vae) -> bool:
     """Whether the running ComfyUI builds this VAE itself: SD-family kl-f8 always; a TAESD with both halves (ComfyUI
-    would fill a missing half with random weights) but not TAEF2 (its pool blocks are newer than ComfyUI's TAESD); Flux.2's (latent BatchNorm) only in versions whose VAE loader
-    knows ``bn.running_mean`` (v0.3.64 does not)."""
+    would fill a missing half with random weights) but not TAEF2 (its pool blocks are newer than ComfyUI's TAESD);
+    Flux.2's (latent BatchNorm) only in versions whose VAE loader knows ``bn.running_mean`` (v0.3.64 does not)."""
     if isinstance(vae.model, TinyAutoencoder):  # TAEF2's pool blocks: not in v0.3.64's TAESD (engine VAE)
         cfg = vae.model.config
         return cfg.has_encoder and cfg.has_decoder and not cfg.pool

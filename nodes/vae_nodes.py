@@ -15,11 +15,12 @@ import torch
 import folder_paths
 
 from ..vae_core import VaeLoadError, load_vae, make_fp16_safe
-from ..vae_core.lab import compare_pair
 from ..vae_core.formats import find_diffusers_folder, is_weight_file
+from ..vae_core.lab import compare_pair
 from ..vae_core.tiling import TileReport
 from ..vae_core.walk import walk_model_dirs
-from .comfy_bridge import comfy_roundtrip, comfy_tiled, engine_for, guard_comfy_vae, progress_and_cancel, run_engine, to_comfy_vae
+from .comfy_bridge import (comfy_roundtrip, comfy_tiled, engine_for, guard_comfy_vae, progress_and_cancel, run_engine,
+                           to_comfy_vae)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pi
 
 
 class VaePackLoader:
-    DESCRIPTION = "Loads any SD-family VAE (SD1/2, SDXL, SD3, Flux, Flux.2) and the tiny autoencoders (TAESD family, " \
+    DESCRIPTION = "Loads any SD-family VAE (SD1/2, SDXL, SD3, Flux, Flux.2), Qwen-Image's and the tiny autoencoders " \
+                  "(TAESD family, TAEF2, " \
                   "also from models/vae_approx): LDM/diffusers safetensors, .ckpt/.pt/.bin, diffusers folders, VAEs " \
                   "in full checkpoints. Returns a ComfyUI VAE that every node accepts."
     CATEGORY = CATEGORY

@@ -229,3 +229,15 @@ def test_roundtrip_names_the_dtype_it_ran():
     vae = vae_core.load_vae(MINI_LDM).to("bf16")
     y, ran = roundtrip(vae, torch.zeros(1, 3, 16, 16), None)
     assert ran == "bf16" and y.dtype == torch.float32 and vae.dtype == torch.bfloat16
+
+
+def test_images_too_small_for_ssim_get_none_not_an_error(tmp_path):
+    from PIL import Image
+
+    from vae_core.lab import run_lab
+
+    Image.new("RGB", (9, 300), (200, 30, 90)).save(tmp_path / "thin.png")
+    result = run_lab([tmp_path / "thin.png"], {"v": vae_core.load_vae(MINI_LDM)}, ["fp32"], [None], ["exact"])
+    (run,) = result.runs
+    assert result.images[0]["width"] == 8 and run.values["ssim"] is None and run.values["ms_ssim"] is None
+    assert math.isfinite(run.values["psnr"])

@@ -190,7 +190,7 @@ def tiny_family(latent_channels: int, sd: Mapping[str, torch.Tensor], family: Op
         scale = float(sd["vae_scale"])
         shift = float(sd["vae_shift"]) if "vae_shift" in sd else 0.0
         for name, (ch, s, h) in TINY_FAMILIES.items():
-            if ch == latent_channels and abs(s - scale) < 1e-6 and abs(h - shift) < 1e-6:
+            if ch == latent_channels and pool == (name == "taef2") and abs(s - scale) < 1e-6 and abs(h - shift) < 1e-6:
                 return name, scale, shift, "vae_scale/vae_shift in the file"
         return "custom-tiny", scale, shift, "vae_scale/vae_shift in the file"
     if pool:

@@ -89,8 +89,8 @@ class Setting:
 
 @dataclass
 class Run:
-    """One setting on one image. ``values`` holds the :data:`METRICS` that apply (None where not: MS-SSIM below
-    161 px, LPIPS without weights, references for untiled/fp32 runs); ``ran_as`` the dtypes the NaN guard really
+    """One setting on one image. ``values`` holds the :data:`METRICS` that apply (None where not: SSIM below 11 px,
+    MS-SSIM below 161 px, LPIPS without weights, references for untiled/fp32 runs); ``ran_as`` the dtypes the NaN guard really
     used (``"fp16"``, or e.g. ``"fp16 encode, fp32 decode"``); ``tiles`` the tiles the engine used (0 = untiled)."""
 
     setting: Setting
@@ -360,7 +360,8 @@ def run_lab(images: Sequence[Path], vaes: dict[str, Vae], dtypes: Sequence[str],
             y01 = metrics.to_unit(y.cpu())
             outputs[s] = y01
             values: dict[str, Optional[float]] = {
-                "psnr": metrics.psnr(x01, y01), "ssim": metrics.ssim(x01, y01), "ms_ssim": metrics.ms_ssim(x01, y01),
+                "psnr": metrics.psnr(x01, y01), "ms_ssim": metrics.ms_ssim(x01, y01),
+                "ssim": metrics.ssim(x01, y01) if min(x01.shape[-2:]) >= metrics.SSIM_MIN_SIDE else None,
                 "lpips": lpips(x, y.cpu()) if lpips is not None else None, "seconds": seconds,
                 "peak_bytes": float(peak) if peak is not None else None, "psnr_vs_untiled": None,
                 "psnr_vs_fp32": None}

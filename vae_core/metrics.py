@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "ms_ssim", "MS_SSIM_WEIGHTS", "MS_SSIM_MIN_SIDE", "heatmap", "to_unit"]
+__all__ = ["psnr", "ssim", "ms_ssim", "MS_SSIM_WEIGHTS", "MS_SSIM_MIN_SIDE", "SSIM_MIN_SIDE", "heatmap", "to_unit"]
 
 #: MS-SSIM's per-scale exponents (Wang, Simoncelli & Bovik 2003, Table 1).
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -30,6 +30,8 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MS_SSIM_MIN_SIDE = 10 * 2 ** 4
 
 _WIN, _SIGMA, _K1, _K2 = 11, 1.5, 0.01, 0.03
+#: SSIM needs sides of at least the window.
+SSIM_MIN_SIDE = _WIN
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
