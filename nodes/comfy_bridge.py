@@ -25,7 +25,7 @@ import comfy.utils
 
 from ..vae_core import AutoencoderKL, Vae, VaeLoadError
 from ..vae_core.attach import HostEngine
-from ..vae_core.lab import roundtrip
+from ..vae_core.lab_measure import roundtrip
 from ..vae_core.model_tiny import TinyAutoencoder
 from ..vae_core.precision import GuardState, guarded
 from ..vae_core.tiling import estimate_bytes
@@ -208,25 +208,27 @@ def comfy_roundtrip(cvae: Any, x: torch.Tensor, tile: int, mode: str, precision:
 
     The engine runs it where vae_core knows the VAE (``tile`` px, 0 = untiled; ``precision`` ``"as loaded"`` or a
     dtype name, run on a temporary copy in that dtype); else ComfyUI's own ``encode``/``decode`` (untiled, in the
-    VAE's own dtype). Returns ``(images [B, 3, H, W] about [-1, 1], seconds, how it ran)``."""
-    t0 = time.perf_counter()
+    VAE's own dtype). Returns ``(images [B, 3, H, W] about [-1, 1], seconds of the encode + decode alone, how it
+    ran)``."""
     try:
         engine = engine_for(cvae)
     except VaeLoadError as exc:
-        z = cvae.encode(((x + 1) / 2).movedim(1, -1))
-        img = cvae.decode(z)
+        t0 = time.perf_counter()
+        img = cvae.decode(cvae.encode(((x + 1) / 2).movedim(1, -1)))
+        seconds = time.perf_counter() - t0
         img = img.reshape(-1, *img.shape[-3:])[: x.shape[0]]
-        return img.movedim(-1, 1).float().cpu() * 2 - 1, time.perf_counter() - t0, \
-            f"ComfyUI's own encode/decode, untiled ({exc.found})"
+        return img.movedim(-1, 1).float().cpu() * 2 - 1, seconds, f"ComfyUI's own encode/decode, untiled ({exc.found})"
     family = engine.vae.info.family
-    ran: dict[str, str] = {}
+    ran: dict[str, Any] = {}
 
     def call(v: Vae) -> torch.Tensor:
         if precision != "as loaded":
             v = v.clone().to(dtype=precision)
+        t0 = time.perf_counter()
         y, ran["as"] = roundtrip(v, x, tile or None, mode)
+        ran["seconds"] = time.perf_counter() - t0
         return y
 
     y = run_engine(cvae, call, x.shape[0] * x.shape[-1] * x.shape[-2], tiled=bool(tile))
     how = f"vae_core engine, {family}, {ran['as']}, " + (f"tile {tile} {mode}" if tile else "untiled")
-    return y.float().cpu(), time.perf_counter() - t0, how
+    return y.float().cpu(), ran["seconds"], how

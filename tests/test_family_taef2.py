@@ -150,7 +150,7 @@ def test_near_misses_are_named(taef2, tmp_path):
     plain_dec = {k: v for k, v in dec.items() if ".pool." not in k}  # a TAESD-design decoder beside a TAEF2 encoder
     torch.save(plain_dec, tmp_path / "taef2_decoder.pth")
     torch.save(enc, tmp_path / "taef2_encoder.pth")
-    with pytest.raises(vae_core.VaeLoadError, match="an encoder with TAEF2's pool blocks and a decoder without"):
+    with pytest.raises(vae_core.VaeLoadError, match="the encoder with TAEF2's pool blocks and the decoder without"):
         vae_core.load_vae(tmp_path / "taef2_decoder.pth")
     vae = vae_core.load_vae(folder / "taef2-comfy.safetensors")
     with pytest.raises(vae_core.VaeInputError, match="AutoencoderTiny has no pool"):

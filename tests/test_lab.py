@@ -109,7 +109,7 @@ def test_aggregate_over_a_folder_is_mean_and_std(tmp_path, capsys):
     photos = tmp_path / "photos" / "sub"
     photos.mkdir(parents=True)
     full = Image.open(SAMPLE).convert("RGB")
-    for i, box in enumerate([(0, 0, 192, 176), (200, 100, 392, 276), (300, 300, 500, 500)]):
+    for i, box in enumerate([(0, 0, 192, 176), (200, 100, 350, 250), (300, 300, 500, 500)]):
         full.crop(box).save(photos / f"crop{i}.png")
     (photos / "notes.txt").write_text("not an image")
     out = tmp_path / "rep"
@@ -117,11 +117,12 @@ def test_aggregate_over_a_folder_is_mean_and_std(tmp_path, capsys):
     assert code == 0 and "no --vae given" in stdout and "| mini-vae-ldm · fp32 · untiled | fp32 |" in stdout
     data = json.loads((out / "results.json").read_text())
     assert [im["name"] for im in data["images"]] == ["crop0.png", "crop1.png", "crop2.png"]
-    assert [(im["width"], im["height"]) for im in data["images"]] == [(192, 176), (192, 176), (200, 200)]
+    assert [(im["width"], im["height"]) for im in data["images"]] == [(192, 176), (144, 144), (200, 200)]
     vals = [r["psnr"] for r in data["runs"]]
     (row,) = data["summary"]
     assert row["psnr"]["mean"] == pytest.approx(np.mean(vals)) and row["psnr"]["std"] == pytest.approx(np.std(vals))
     assert row["psnr"]["std"] > 0 and row["images"] == 3
+    assert row["ms_ssim"]["n"] == 2 and "(2 of 3 images)" in stdout  # 144 px is too small for MS-SSIM
 
 
 def _overflowing_vae(path):
@@ -162,50 +163,120 @@ def test_two_vaes_compared(tmp_path, capsys):
     assert a["psnr"] == pytest.approx(b["psnr"], abs=1e-4)  # the same weights in two layouts
 
 
+def _cli(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["eval", "nope.png"], "nope.png: no such file or folder"),
     (["eval", "--tile", "32"], "'32': not a tile size"),
-    (["eval", "--size", "4"], "expected an integer ≥ 8"),
+    (["eval", "--size", "4"], "expected an integer from 8 to 16384"),
+    (["eval", "--size", "1000000"], "expected an integer from 8 to 16384"),
     (["eval", "--dtype", "fp8"], "invalid choice: 'fp8'"),
-])
+    (["eval", "--device", "foo"], "--device 'foo': not a device"),
+    (["eval", "--device", "meta"], "device type 'meta'; expected 'cpu'"),
+    (["eval", "--lpips-weights", "x.pth"], "--lpips-weights x.pth"),
+] + ([(["eval", "--device", "cuda"], "CUDA device(s); expected 'cpu'")] if not torch.cuda.is_available() else []))
 def test_bad_arguments_are_one_clear_line(argv, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) if argv[1].startswith("--") else _no_exit():
-        code, _, err = _run(argv + ["-o", str(tmp_path / "r")], capsys)
-        assert code == 2 and err.startswith("error: ") and message in err
-    if argv[1].startswith("--"):
-        assert message in capsys.readouterr().err
+    code, _, err = _cli(argv + ["-o", str(tmp_path / "r")], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and message in last and "Traceback" not in err
     assert not (tmp_path / "r").exists()
 
 
-class _no_exit:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_inputs_outputs_and_families_are_checked_before_work(tmp_path, capsys):
+def test_inputs_and_outputs_are_checked_before_any_work(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = _run(["eval", str(empty), "-o", str(tmp_path / "r")], capsys)
+    code, _, err = _cli(["eval", str(empty), "-o", str(tmp_path / "r")], capsys)
     assert code == 2 and "a folder with no images" in err
     (tmp_path / "file").write_text("x")
-    code, _, err = _run(["eval", "-o", str(tmp_path / "file")], capsys)
+    code, _, err = _cli(["eval", "-o", str(tmp_path / "file")], capsys)
     assert code == 2 and "is an existing file; expected a folder" in err
     inside = tmp_path / "rep"
     inside.mkdir()
     clash = inside / "results.csv"
     clash.write_bytes(SAMPLE.read_bytes())
-    code, _, err = _run(["eval", str(clash), "-o", str(inside)], capsys)
+    code, _, err = _cli(["eval", str(clash), "-o", str(inside)], capsys)
     assert code == 2 and "is the input" in err and clash.read_bytes() == SAMPLE.read_bytes()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(SAMPLE.read_bytes())
+    (photos / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code, _, err = _cli(["eval", str(photos), "-o", str(tmp_path / "r2")], capsys)
+    assert code == 2 and "zz-broken.png: not a readable image" in err
+    assert "[#" not in err and not (tmp_path / "r2").exists()  # found before the first run, nothing left behind
+    code, _, err = _cli(["eval", "-o", "/proc/vae-lab-report"], capsys)  # a folder nobody can create
+    assert code == 2 and err.startswith("error: /proc/vae-lab-report:") and "[#" not in err
+
+
+def test_combinations_a_vae_cannot_run_are_left_out_with_a_note(tmp_path, capsys):
     from test_family_tiny import _tiny
 
     tiny = tmp_path / "taesd"
     _tiny().save_pretrained(tiny)
-    code, _, err = _run(["eval", "--vae", str(tiny), "--tile", "64", "--mode", "diffusers", "--size", "64", "-o",
-                         str(tmp_path / "t")], capsys)
-    assert code == 2 and "diffusers' tiling row is for kl-f8 AutoencoderKL VAEs" in err
+    out = tmp_path / "t"
+    code, stdout, _ = _cli(["eval", "--vae", str(tiny), "--dtype", "fp32", "fp16-fix", "--tile", "none", "64",
+                            "--mode", "exact", "diffusers", "--size", "64", "-o", str(out)], capsys)
+    assert code == 0
+    assert "note: taesd · fp16-fix: not run" in stdout and "note: taesd · diffusers tiling: not run" in stdout
+    data = json.loads((out / "results.json").read_text())
+    assert [s["label"] for s in data["settings"]] == ["taesd · fp32 · untiled", "taesd · fp32 · tile 64 exact"]
+
+
+def test_a_nan_peer_row_is_reported_not_fatal(tmp_path, capsys):
+    vae = _overflowing_vae(tmp_path / "overflow.safetensors")
+    out = tmp_path / "rep"
+    code, _, err = _cli(["eval", str(SAMPLE), "--vae", str(vae), "--dtype", "fp16", "--tile", "64", "--mode",
+                         "diffusers", "--size", "96", "-o", str(out)], capsys)
+    assert code == 0, err
+    data = json.loads((out / "results.json").read_text())  # strict JSON: allow_nan=False when written
+    peer = next(r for r in data["runs"] if r["setting"] == "overflow · fp16 · tile 64 diffusers")
+    assert peer["psnr"] == "nan" and peer["max_diff_255"]["untiled"] is None  # diffusers has no NaN guard
+    ours = next(r for r in data["runs"] if r["setting"] == "overflow · fp16 · untiled")
+    assert math.isfinite(ours["psnr"]) and "fp32" in ours["ran_as"]  # ours: guarded, and says so
+    assert "NaN metrics" in err and "(not finite)" in (out / "report.html").read_text()
+
+
+def test_identical_images_do_not_turn_a_summary_into_inf(tmp_path, capsys):
+    from PIL import Image
+
+    full = Image.open(SAMPLE).convert("RGB")
+    full.crop((0, 0, 64, 64)).save(tmp_path / "a-one-tile.png")  # one 64-px tile: identical to untiled
+    full.crop((100, 100, 260, 196)).save(tmp_path / "b-many-tiles.png")
+    out = tmp_path / "rep"
+    code, stdout, _ = _cli(["eval", str(tmp_path / "a-one-tile.png"), str(tmp_path / "b-many-tiles.png"), "--tile",
+                            "64", "-o", str(out)], capsys)
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    runs = [r for r in data["runs"] if r["setting"].endswith("tile 64 exact")]
+    assert runs[0]["psnr_vs_untiled"] == "inf" and math.isfinite(runs[1]["psnr_vs_untiled"])
+    row = next(r for r in data["summary"] if r["setting"].endswith("tile 64 exact"))["psnr_vs_untiled"]
+    assert row["mean"] == pytest.approx(runs[1]["psnr_vs_untiled"]) and row["identical"] == 1 and row["n"] == 2
+    ms = next(r for r in data["summary"] if r["setting"].endswith("tile 64 exact"))["ms_ssim"]
+    assert ms is None  # both images are under MS-SSIM's 161 px: no value rather than a partial mean
+    assert "(+1 identical)" in stdout
+
+
+def test_a_bf16_retry_leaves_the_fp16_weights_as_they_were(tmp_path, monkeypatch):
+    """On GPUs with bf16 the guard retries fp16 in bf16; fp16 → bf16 → fp16 would round the weights. The round trip
+    keeps them aside and puts them back (bf16 support is simulated here: bf16 runs on this CPU)."""
+    import vae_core.lab_measure as lm
+    import vae_core.precision as prec
+
+    monkeypatch.setattr(prec, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(lm, "bf16_supported", lambda device: True)
+    vae = vae_core.load_vae(_overflowing_vae(tmp_path / "o.safetensors")).to("fp16")
+    before = {k: v.clone() for k, v in vae.model.state_dict().items()}
+    x = prepare_image(load_image(SAMPLE), 64, 8)
+    y, ran = lm.roundtrip(vae, x, None)
+    assert "bf16" in ran and torch.isfinite(y).all() and vae.dtype == torch.float16
+    assert all(torch.equal(before[k], v) for k, v in vae.model.state_dict().items())
+    assert vae.guard.working_dtype is None  # what the guard remembered before is back
 
 
 def test_settings_and_inputs_helpers(tmp_path):

@@ -289,7 +289,7 @@ def add_bench_parser(sub: Any) -> None:
     s = sub.add_parser("bench", help="time/memory/fidelity table: untiled vs our tiled vs diffusers' tiled")
     s.add_argument("--size", type=int, nargs="+", help="image edges (default 1024 2048 4096 on CUDA, 256 512 on CPU)")
     s.add_argument("--dtype", default="fp32", choices=["fp16", "bf16", "fp32"])
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--vae", default=None, help="VAE to benchmark (default: random-weight SD-width model)")
     s.add_argument("--tile", type=int, default=256, help="tile edge in image px (ours and diffusers')")
     s.add_argument("--op", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
@@ -298,6 +298,17 @@ def add_bench_parser(sub: Any) -> None:
     s.add_argument("--cache-bytes", type=cache_arg, default="auto",
                    help="exact tiling's cache budget in bytes, or 'auto' (default: a share of free memory)")
     s.set_defaults(fn=cmd_bench)
+
+
+def device_arg(value: str) -> str:
+    """argparse type of ``--device``: a device that exists here (:func:`vae_core.memory.parse_device`)."""
+    from .errors import VaeInputError
+    from .memory import parse_device
+
+    try:
+        return str(parse_device(value))
+    except VaeInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def cache_arg(value: str) -> Any:

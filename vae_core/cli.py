@@ -21,7 +21,7 @@ from typing import Callable, NoReturn, Optional, Sequence, TypeVar
 import torch
 
 from . import images
-from .bench import cache_arg
+from .bench import cache_arg, device_arg
 from .errors import VaeError, VaeInputError
 from .families import FAMILIES
 from .images import check_latent_output, image_format, latent_metadata, load_image, load_latent, psnr, save_image, \
@@ -71,7 +71,7 @@ def _family(value: str) -> str:
 
 def _add_run_args(p: argparse.ArgumentParser, vae_required: bool = False) -> None:
     p.add_argument("--vae", required=vae_required, help="VAE file or diffusers folder (default: bundled test VAE)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16", "auto"])
     p.add_argument("--fp16-fix", action="store_true", help="apply the training-free fp16 fix before running")
     p.add_argument("--tile", type=_tile, default=None,

@@ -159,8 +159,9 @@ def tiny_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>") -
         raise VaeLoadError(path, f"latent channels {latent}", "an encoder or decoder with 1..256 latent channels")
     pools = {h: _pool_half(sd, h, path) for h, present in (("encoder", enc), ("decoder", dec)) if present}
     if len(set(pools.values())) > 1:
-        raise VaeLoadError(path, f"an {'encoder' if pools['encoder'] else 'decoder'} with TAEF2's pool blocks and "
-                           f"a{' decoder' if pools['encoder'] else 'n encoder'} without", "two halves of one design")
+        has, lacks = ("encoder", "decoder") if pools["encoder"] else ("decoder", "encoder")
+        raise VaeLoadError(path, f"the {has} with TAEF2's pool blocks and the {lacks} without",
+                           "two halves of one design")
     return TinyConfig(latent_channels=int(latent), has_encoder=enc, has_decoder=dec, pool=any(pools.values()))
 
 

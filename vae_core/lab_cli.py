@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .bench import cache_arg, device_arg
 from .errors import VaeInputError
 from .lab import DTYPE_CHOICES, METRICS, MODE_CHOICES, aggregate, find_images, run_lab
 from .lab_report import _ms, make_panels, write_report
@@ -43,14 +44,37 @@ def _tile(value: str) -> Optional[int]:
     return px
 
 
+#: --size beyond this would upscale past what any VAE here is run at (16384² fp32 images are 3 GiB each).
+MAX_SIZE = 16384
+
+
 def _size(value: str) -> int:
     try:
         n = int(value)
     except ValueError:
         n = 0
-    if n < 8:
-        raise argparse.ArgumentTypeError(f"--size {value!r}: expected an integer ≥ 8 (px of the square crop)")
+    if not 8 <= n <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"--size {value!r}: expected an integer from 8 to {MAX_SIZE} (px of the "
+                                         "square crop)")
     return n
+
+
+def _prepare_output(out: Path) -> bool:
+    """Create the report folder now and check it takes a file (before any work); returns whether it was created."""
+    import tempfile
+
+    from .safe_paths import describe_oserror
+
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".vae-lab-probe-"):
+            pass
+    except OSError as exc:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise VaeInputError(describe_oserror(out, exc, "a folder where the report can be written")) from exc
+    return created
 
 
 def load_lpips(weights: Path, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], float]:
@@ -76,6 +100,9 @@ def load_lpips(weights: Path, device: torch.device) -> Callable[[torch.Tensor, t
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise VaeInputError(f"--lpips-weights {weights}: not a readable weights-only torch file ({exc}); expected "
                             "torchvision's AlexNet or VGG16 ImageNet state dict") from exc
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise VaeInputError(f"--lpips-weights {weights}: a {type(sd).__name__} that is not a state dict of named "
+                            "tensors; expected torchvision's AlexNet or VGG16 ImageNet state dict")
     feats = {int(k.split(".")[1]) for k in sd if k.startswith("features.") and k.split(".")[1].isdigit()}
     net = next((n for n, idx in _BACKBONES.items() if feats == idx), None)
     if net is None:
@@ -85,7 +112,11 @@ def load_lpips(weights: Path, device: torch.device) -> Callable[[torch.Tensor, t
     where = {idx: f"{sname}.{idx}" for sname, sl in model.net.named_children() for idx, _ in sl.named_children()}
     backbone = {f"{where[k.split('.')[1]]}.{k.split('.', 2)[2]}": v for k, v in sd.items()
                 if k.startswith("features.") and k.split(".")[1] in where}
-    model.net.load_state_dict(backbone, strict=True)
+    try:
+        model.net.load_state_dict(backbone, strict=True)
+    except RuntimeError as exc:  # missing biases, wrong shapes
+        raise VaeInputError(f"--lpips-weights {weights}: {str(exc).splitlines()[0]} ...; expected torchvision's "
+                            f"{'AlexNet' if net == 'alex' else 'VGG16'} ImageNet state dict with its shapes") from exc
     model = model.eval().requires_grad_(False).to(device)
 
     def dist(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,10 +179,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     vaes = {label: load_vae(p, device=device, dtype=torch.float32) for label, p in zip(_labels(vae_paths), vae_paths)}
     if "diffusers" in args.mode and all(t is None for t in args.tile):
         print("note: --mode diffusers only applies to tiled runs; give --tile N for diffusers' tiling row")
-    result = run_lab(images, vaes, args.dtype, args.tile, args.mode, size=args.size, cache_bytes=args.cache_bytes,
-                     lpips=lpips_fn, progress=_progress(), panels=make_panels)
-    command = "python -m vae_core " + " ".join(shlex.quote(a) for a in (args.argv or ["eval"]))
-    paths = write_report(result, out, command)
+    created = _prepare_output(out)
+    try:
+        result = run_lab(images, vaes, args.dtype, args.tile, args.mode, size=args.size,
+                         cache_bytes=args.cache_bytes, lpips=lpips_fn, progress=_progress(), panels=make_panels)
+        command = "python -m vae_core " + " ".join(shlex.quote(a) for a in (args.argv or ["eval"]))
+        paths = write_report(result, out, command)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves nothing behind
+        raise
     rows = aggregate(result)
     keys = [(k, lab, unit) for k, lab, unit, _ in METRICS if any(row[k] is not None for row in rows)]
     print(f"\n{len(result.images)} image(s) on {result.machine['device']}, torch {result.machine['torch']}")
@@ -160,7 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print("|---|---|" + "---|" * len(keys))
     for row in rows:
         print(f"| {row['setting'].label} | {', '.join(row['ran_as'])} | "
-              + " | ".join(_ms(row[k], k) for k, *_ in keys) + " |")
+              + " | ".join(_ms(row[k], k, row["images"]) for k, *_ in keys) + " |")
     for note in result.notes:
         print(f"note: {note}")
     bad = [r for r in result.runs if any(v is not None and math.isnan(v) for v in r.values.values())]
@@ -187,15 +224,11 @@ def add_eval_parser(sub: Any) -> None:
                    help="tiling modes: vae_core exact/fast, and diffusers' enable_tiling as a peer row (kl-f8 VAEs)")
     s.add_argument("--size", type=_size, default=None, help="resize the shorter side to N and centre-crop N×N "
                    "(the model cards' protocol); default: each image as it is")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("--cache-bytes", type=_cache, default="auto", help="exact tiling's cache budget")
+    s.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--cache-bytes", type=cache_arg, default="auto", help="exact tiling's cache budget")
     s.add_argument("--lpips-weights", default=None, help="torchvision AlexNet/VGG16 ImageNet weights file for LPIPS "
                    "(needs `pip install lpips`; never downloaded)")
     s.add_argument("-o", "--output", default="vae-lab", help="report folder (default: vae-lab)")
     s.set_defaults(fn=cmd_eval, argv=None)
 
 
-def _cache(value: str) -> Any:
-    from .bench import cache_arg
-
-    return cache_arg(value)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .atomic import atomic_write
-from .lab import METRICS, LabResult, Setting, aggregate
+from .lab import METRICS, LabResult, Setting, _mean_std, aggregate
 
 __all__ = ["make_panels", "write_report", "render_html", "GAIN_ORIGINAL", "GAIN_REFERENCE", "CROP", "THUMB"]
 
@@ -52,12 +52,17 @@ def _crop_box(x01: torch.Tensor, outputs: dict[Setting, torch.Tensor], refs: dic
     ref_err = [(outputs[s] - outputs[r]).abs().mean(0) for s, kinds in refs.items() for r in kinds.values()]
     score = sum(ref_err) if ref_err and any(float(e.max()) >= 0.5 / 255 for e in ref_err) else \
         sum((o - x01).abs().mean(0) for s, o in outputs.items() if s in refs)
-    if not isinstance(score, torch.Tensor) or size == min(h, w) == max(h, w):
+    if not isinstance(score, torch.Tensor) or (size == h and size == w):
         return (h - size) // 2, (w - size) // 2, size
     stride = max(1, size // 4)
-    pooled = F.avg_pool2d(score[None, None].float(), size, stride=stride)[0, 0]
-    i = int(pooled.flatten().argmax())
-    return (i // pooled.shape[1]) * stride, (i % pooled.shape[1]) * stride, size
+    score = torch.nan_to_num(score.double(), nan=1.0)
+    ii = F.pad(score.cumsum(0).cumsum(1), (1, 0, 1, 0))  # integral image: any window's sum in four reads
+    ys = sorted(set(range(0, h - size + 1, stride)) | {h - size})  # the last window reaches the bottom/right edge
+    xs = sorted(set(range(0, w - size + 1, stride)) | {w - size})
+    yt, xt = torch.tensor(ys), torch.tensor(xs)
+    sums = ii[yt + size][:, xt + size] - ii[yt][:, xt + size] - ii[yt + size][:, xt] + ii[yt][:, xt]
+    i = int(sums.flatten().argmax())
+    return ys[i // len(xs)], xs[i % len(xs)], size
 
 
 def make_panels(name: str, x01: torch.Tensor, outputs: dict[Setting, torch.Tensor],
@@ -103,11 +108,18 @@ def _num(v: Optional[float], key: str) -> str:
     return f"{v:.2f}"
 
 
-def _ms(pair: Optional[tuple[float, float]], key: str) -> str:
-    if pair is None:
+def _ms(stat: Optional[tuple[float, float, int, int]], key: str, images: Optional[int] = None) -> str:
+    """``mean ± std`` of an aggregate (:func:`vae_core.lab.aggregate`), with ``+k identical`` when some images gave
+    ``inf`` and ``(n of N)`` when the metric exists for fewer than the ``images`` run."""
+    if stat is None:
         return "-"
-    m, s = pair
-    return _num(m, key) if math.isinf(m) or s == 0 or math.isnan(s) else f"{_num(m, key)} ± {_num(s, key)}"
+    m, s, n, identical = stat
+    text = _num(m, key) if math.isinf(m) or s == 0 or math.isnan(s) else f"{_num(m, key)} ± {_num(s, key)}"
+    if identical and not math.isinf(m):
+        text += f" (+{identical} identical)"
+    if images is not None and n < images:
+        text += f" ({n} of {images} images)"
+    return text
 
 
 def _used(result: LabResult, key: str) -> bool:
@@ -135,7 +147,8 @@ def as_json(result: LabResult) -> dict[str, Any]:
                  for r in result.runs],
         "summary": [{"setting": row["setting"].label, "images": row["images"], "ran_as": row["ran_as"],
                      "max_diff_255": row["max_diff_255"],
-                     **{k: None if row[k] is None else {"mean": _json_value(row[k][0]), "std": _json_value(row[k][1])}
+                     **{k: None if row[k] is None else {"mean": _json_value(row[k][0]), "std": _json_value(row[k][1]),
+                                                        "n": row[k][2], "identical": row[k][3]}
                         for k, *_ in METRICS}} for row in aggregate(result)],
     }
 
@@ -161,12 +174,13 @@ def results_csv(result: LabResult) -> str:
 def summary_csv(result: LabResult) -> str:
     keys = [k for k, *_ in METRICS]
     rows: list[list[Any]] = [["vae", "dtype", "tile", "mode", "images", "ran_as",
-                              *[f"{k}_{m}" for k in keys for m in ("mean", "std")]]]
+                              *[f"{k}_{m}" for k in keys for m in ("mean", "std", "n", "identical")]]]
     for row in aggregate(result):
         s = row["setting"]
         vals = []
         for k in keys:
-            vals += ["", ""] if row[k] is None else [_json_value(row[k][0]), _json_value(row[k][1])]
+            vals += ["", "", 0, 0] if row[k] is None else [_json_value(row[k][0]), _json_value(row[k][1]), row[k][2],
+                                                           row[k][3]]
         rows.append([s.vae, s.dtype, s.tile or "", s.mode, row["images"], "; ".join(row["ran_as"]), *vals])
     return _csv(rows)
 
@@ -196,7 +210,7 @@ def _chart(rows: list[dict[str, Any]], key: str, label: str, unit: str, higher: 
     if not vals:
         return ""
     scale = 1 / 2**20 if key == "peak_bytes" else 1.0
-    finite = [m * scale + (0 if math.isnan(s) else s * scale) for _, (m, s) in vals if not math.isinf(m)]
+    finite = [(m + (s if math.isfinite(s) else 0)) * scale for _, (m, s, *_) in vals if math.isfinite(m)]
     top = max(finite) if finite else 1.0
     top = top * 1.05 if top > 0 else 1.0
     lw, bw, bh = 250, 200, 16
@@ -205,18 +219,18 @@ def _chart(rows: list[dict[str, Any]], key: str, label: str, unit: str, higher: 
              f'aria-label="{html.escape(label)}">',
              f'<text x="4" y="16" font-size="13" font-weight="600">{html.escape(label)}'
              f'{" (" + unit + ")" if unit else ""} — {"higher" if higher else "lower"} is better</text>']
-    for i, (s, (m, sd)) in enumerate(vals):
+    for i, (s, (m, sd, _, identical)) in enumerate(vals):
         y = 28 + i * (bh + 5)
         inf = math.isinf(m)
-        length = bw if inf else max(0.0, m * scale / top * bw)
+        length = bw if inf else 0.0 if math.isnan(m) else max(0.0, m * scale / top * bw)
         parts.append(f'<text x="{lw - 6}" y="{y + 12}" font-size="11" text-anchor="end">{html.escape(s.label)}</text>')
         parts.append(f'<rect x="{lw}" y="{y}" width="{length:.1f}" height="{bh}" fill="{colours[s.vae]}"'
                      f'{" fill-opacity=0.45" if inf else ""}/>')
-        if not inf and not math.isnan(sd) and sd > 0:
+        if math.isfinite(m) and math.isfinite(sd) and sd > 0:
             a, b = (m - sd) * scale / top * bw, (m + sd) * scale / top * bw
             parts.append(f'<line x1="{lw + max(0, a):.1f}" x2="{lw + b:.1f}" y1="{y + bh / 2}" y2="{y + bh / 2}" '
                          'stroke="#111" stroke-width="1.5"/>')
-        text = "∞ (identical)" if inf else _num(m, key)
+        text = "∞ (identical)" if inf else _num(m, key) + (f" (+{identical} identical)" if identical else "")
         parts.append(f'<text x="{lw + length + 4:.1f}" y="{y + 12}" font-size="11">{text}</text>')
     parts.append("</svg>")
     return '<div class="chart">' + "".join(parts) + "</div>"
@@ -231,10 +245,11 @@ def _table(result: LabResult, rows: list[dict[str, Any]]) -> str:
         fell_back = any(r != s.dtype.replace("fp16-fix", "fp16") for r in row["ran_as"])
         cells = []
         for k, *_ in keys:
-            text = _ms(row[k], k)
+            text = html.escape(_ms(row[k], k, row["images"]))
             kind = k.removeprefix("psnr_vs_")
             if kind in row["max_diff_255"]:
-                text += f"<br><span class=note>max {row['max_diff_255'][kind]}/255</span>"
+                diff = row["max_diff_255"][kind]
+                text += f"<br><span class=note>max {'(not finite)' if diff is None else f'{diff}/255'}</span>"
             cells.append(f"<td>{text}</td>")
         out.append(f'<tr{" class=warn" if fell_back else ""}><td class="l">{html.escape(s.label)}</td>'
                    f'<td class="l">{html.escape(", ".join(row["ran_as"]))}</td><td>{row["images"]}</td>'
@@ -247,7 +262,7 @@ def _image_section(result: LabResult, im: dict[str, Any]) -> str:
     name = im["name"]
     per = [r for r in result.runs if r.image == name and r.setting in result.requested]
     rows = [{"setting": r.setting, "images": 1, "ran_as": [r.ran_as], "max_diff_255": r.max_diff_255,
-             **{k: None if r.values[k] is None else (r.values[k], 0.0) for k, *_ in METRICS}} for r in per]
+             **{k: _mean_std([r.values[k]]) for k, *_ in METRICS}} for r in per]
     parts = [f"<h2>{html.escape(name)}</h2><div class=meta>{html.escape(im['path'])}: {im['width']}×{im['height']} px "
              "as run</div>", _table(result, rows)]
     panel = result.panels.get(name)

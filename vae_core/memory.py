@@ -9,11 +9,34 @@ import torch
 
 from .model import AutoencoderKL
 
-__all__ = ["MIN_TILE", "is_oom", "free_memory", "estimate_bytes", "auto_tile"]
+__all__ = ["MIN_TILE", "is_oom", "free_memory", "estimate_bytes", "auto_tile", "parse_device"]
 
 #: Smallest tile edge, in image pixels.
 MIN_TILE = 64
 
+
+
+def parse_device(value: "str | torch.device") -> torch.device:
+    """A device the pack can run on: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (CUDA only when this torch has it).
+
+    Raises:
+        VaeInputError (a ValueError): not a device name, a CUDA device without CUDA, or a device type the pack does
+            not run on (``meta``, ...).
+    """
+    from .errors import VaeInputError
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise VaeInputError(f"--device {value!r}: not a device ({exc}); expected 'cpu' or 'cuda[:N]'") from exc
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise VaeInputError(f"--device {value!r}: this torch sees {count} CUDA device(s); expected 'cpu' or a "
+                                "CUDA device that exists")
+    elif dev.type != "cpu":
+        raise VaeInputError(f"--device {value!r}: device type {dev.type!r}; expected 'cpu' or 'cuda[:N]'")
+    return dev
 
 
 def is_oom(exc: BaseException) -> bool:

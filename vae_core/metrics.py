@@ -116,8 +116,9 @@ _PALETTE = torch.tensor([[0, 0, 4], [66, 10, 104], [147, 38, 103], [221, 81, 58]
 def heatmap(a: torch.Tensor, b: torch.Tensor, gain: float) -> torch.Tensor:
     """``|a − b|`` of two images ``[C, H, W]`` in [0, 1], averaged over channels, × ``gain``, clipped to [0, 1] and
     coloured with a black-to-yellow palette → float64 ``[3, H, W]`` in [0, 1]. Black means identical; with
-    ``gain`` = 16 an error of 1/16 of the range (16 of 255 levels) is already the brightest colour."""
-    err = ((a.double() - b.double()).abs().mean(dim=0) * gain).clamp(0.0, 1.0)
+    ``gain`` = 16 an error of 1/16 of the range (16 of 255 levels) is already the brightest colour; NaN/inf pixels
+    are the brightest colour too."""
+    err = torch.nan_to_num((a.double() - b.double()).abs().mean(dim=0) * gain, nan=1.0, posinf=1.0).clamp(0.0, 1.0)
     pos = err * (len(_PALETTE) - 1)
     lo = pos.floor().long().clamp(max=len(_PALETTE) - 2)
     frac = (pos - lo).unsqueeze(-1)

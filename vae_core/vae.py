@@ -143,8 +143,8 @@ class Vae:
         if not isinstance(self.model, (AutoencoderKL, WanImageVAE)):
             raise VaeInputError(f"fp16 fix for a {type(self.model).__name__} ({self.info.family}): the fix rescales "
                                 "a GroupNorm- or RMS-norm-normalised residual stream; expected an AutoencoderKL or "
-                                "Qwen-Image's VAE (a tiny autoencoder has no normalisation and small activations: "
-                                "run it in fp16 as it is)")
+                                "Qwen-Image's VAE (a tiny autoencoder has no normalisation and small activations in "
+                                "its main stream, TAEF2's GroupNorms sit in side branches: run it in fp16 as it is)")
         dtype = self.dtype
         fix = fp16_fix_wan if isinstance(self.model, WanImageVAE) else fp16_fix_model
         fixed, before, after = fix(self.model, sample)

@@ -1,0 +1,98 @@
+"""The VAE lab's measurements: a call's wall time and peak memory, and the round trip that reports the dtypes the
+NaN guard really used (shared by ``python -m vae_core eval`` and ComfyUI's VAE Compare).
+
+Memory: on CUDA ``max_memory_allocated`` above the allocation before the call; on CPU the rise of the process's
+peak RSS (``VmHWM``) during the call, after returning freed memory to the OS (``malloc_trim``), so it is the call's
+working set, not the models held (approximate: the allocator may reuse memory it kept).
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from .precision import bf16_supported
+from .tiling import TileReport
+from .vae import Vae
+
+__all__ = ["measured", "roundtrip", "dtype_name"]
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` → ``"fp16"`` (``fp32``, ``bf16``; other dtypes by their torch name)."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measured(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, Optional[int]]:
+    """``fn()`` with its wall time (CUDA synchronised) and peak memory above the start (see the module docstring);
+    peak None where it cannot be read (CPU without ``/proc``)."""
+    from .bench import peak_rss, reset_peak_rss
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base: Optional[int] = torch.cuda.memory_allocated(device)
+    else:
+        _trim()
+        base = _rss() if reset_peak_rss() else None
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak: Optional[int] = torch.cuda.max_memory_allocated(device) - (base or 0)
+    else:
+        peak = max(0, peak_rss() - base) if base else None
+    return out, seconds, peak
+
+
+def roundtrip(vae: Vae, x: torch.Tensor, tile: Optional[int], mode: str = "exact", cache_bytes: Any = "auto",
+              report: Optional[TileReport] = None) -> tuple[torch.Tensor, str]:
+    """Encode then decode ``x`` (``[B, 3, H, W]`` in [-1, 1]) → (images ``[B, 3, H, W]`` float32 about [-1, 1],
+    the dtypes the NaN guard really used, e.g. ``"fp16"`` or ``"fp16 encode, fp32 decode"``).
+
+    Each call is tried in the VAE's own dtype: the guard's remembered fallback is set aside for the call and put
+    back afterwards, and after a fallback the VAE gets its own weights back (a bf16 retry of an fp16 VAE would
+    otherwise leave bf16-rounded weights behind: for that case the weights are kept aside during the call)."""
+    dtype, remembered = vae.dtype, vae.guard.working_dtype
+    lossy = dtype == torch.float16 and bf16_supported(vae.device)
+    kept = {k: v.detach().clone() for k, v in vae.model.state_dict().items()} if lossy else None
+    used = []
+    kw = dict(tile=tile, mode=mode, cache_bytes=cache_bytes, report=report)
+    out = x
+    try:
+        for op in ("encode", "decode"):
+            vae.guard.working_dtype = None
+            out = getattr(vae, op)(out, **kw)
+            used.append(vae.guard.working_dtype or dtype)
+            if vae.dtype != dtype:  # the guard re-ran the call in a wider dtype
+                vae.model.to(dtype=dtype)
+                if kept is not None:
+                    vae.model.load_state_dict(kept)
+    finally:
+        vae.guard.working_dtype = remembered
+    names = [dtype_name(d) for d in used]
+    return out, names[0] if names[0] == names[1] else f"{names[0]} encode, {names[1]} decode"
