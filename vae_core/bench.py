@@ -83,16 +83,24 @@ def _input(spec: dict[str, Any], model, device: torch.device, dtype: torch.dtype
     return torch.randn(1, model.config.latent_channels, size // f, size // f, generator=g).to(device, dtype)
 
 
-def peak_rss() -> int:
-    """This process's peak resident set in bytes: ``VmHWM`` (reset by execve, unlike ``ru_maxrss``, which keeps the
-    parent's high-water mark on Linux), else ``ru_maxrss``."""
+def proc_status_bytes(field: str) -> Optional[int]:
+    """A size field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``...) in bytes; None where there is none."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: ``VmHWM`` (reset by execve, unlike ``ru_maxrss``, which keeps the
+    parent's high-water mark on Linux), else ``ru_maxrss``."""
+    hwm = proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     scale = 1 if sys.platform == "darwin" else 1024

@@ -32,16 +32,14 @@ _BACKBONES = {"alex": {0, 3, 6, 8, 10}, "vgg": {0, 2, 5, 7, 10, 12, 14, 17, 19, 
 
 
 def _tile(value: str) -> Optional[int]:
-    if value.lower() == "none":
-        return None
-    try:
-        px = int(value)
-    except ValueError:
-        px = -1
-    if px < 64:
-        raise argparse.ArgumentTypeError(f"{value!r}: not a tile size; expected 'none' (untiled) or an integer ≥ 64 "
-                                         "(image px)")
-    return px
+    """``--tile``: ``none`` (untiled) or image px ≥ 64, as elsewhere in the CLI; ``auto`` is no lab setting."""
+    from .cli import _tile as tile_arg
+
+    px = tile_arg(value)
+    if px == "auto":
+        raise argparse.ArgumentTypeError(f"{value!r}: automatic tiling is not a setting to measure; expected 'none' "
+                                         "(untiled) or an integer ≥ 64 (image px)")
+    return px  # type: ignore[return-value]
 
 
 #: --size beyond this would upscale past what any VAE here is run at (16384² fp32 images are 3 GiB each).

@@ -34,21 +34,10 @@ def _trim() -> None:
         pass
 
 
-def _rss() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def measured(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, Optional[int]]:
     """``fn()`` with its wall time (CUDA synchronised) and peak memory above the start (see the module docstring);
     peak None where it cannot be read (CPU without ``/proc``)."""
-    from .bench import peak_rss, reset_peak_rss
+    from .bench import peak_rss, proc_status_bytes, reset_peak_rss
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -56,7 +45,7 @@ def measured(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, O
         base: Optional[int] = torch.cuda.memory_allocated(device)
     else:
         _trim()
-        base = _rss() if reset_peak_rss() else None
+        base = proc_status_bytes("VmRSS") if reset_peak_rss() else None
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":
