@@ -205,7 +205,7 @@ def ui_to_api(workflow: dict, info: dict) -> dict:
 
 def test_object_info_lists_our_nodes(server):
     _, info, _ = server
-    for name in ("VaePackLoader", "VaePackDecodeTiled", "VaePackEncodeTiled", "VaePackFp16Fix"):
+    for name in ("VaePackLoader", "VaePackDecodeTiled", "VaePackEncodeTiled", "VaePackFp16Fix", "VaePackCompare"):
         assert name in info and info[name]["category"] == "VAE Pack"
     choices = info["VaePackLoader"]["input"]["required"]["vae_name"][0]
     assert "mini-vae" in choices and "mini-vae-ldm.safetensors" in choices
@@ -227,9 +227,17 @@ def test_fp16_fix_workflow_runs_core_nodes(server):
     assert np.abs(_saved(base, outputs, "6") - _direct_roundtrip(MINI_DIFFUSERS)).max() <= 2.0
 
 
+def test_vae_compare_example_compares_two_layouts_of_one_vae(server):
+    url, _, base = server
+    outputs = _run(url, base, json.loads((EXAMPLES / "vae_compare.api.json").read_text()))
+    pair = _saved(base, outputs, "5")
+    assert pair.shape == (512, 1024, 3) and np.abs(pair[:, :512] - _direct_roundtrip(MINI_LDM)).max() <= 2.0
+    assert "A vs B: PSNR inf dB, largest difference 0/255" in outputs["7"]["text"][0]  # the same weights
+
+
 def test_ui_format_examples_run(server):
     url, info, base = server
-    for name in ("tiled_roundtrip.workflow.json", "fp16_fix.workflow.json"):
+    for name in ("tiled_roundtrip.workflow.json", "fp16_fix.workflow.json", "vae_compare.workflow.json"):
         graph = ui_to_api(json.loads((EXAMPLES / name).read_text()), info)
         assert graph == json.loads((EXAMPLES / name.replace(".workflow.", ".api.")).read_text()), name
         assert _run(url, base, graph)
