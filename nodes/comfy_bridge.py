@@ -213,11 +213,17 @@ def comfy_roundtrip(cvae: Any, x: torch.Tensor, tile: int, mode: str, precision:
     try:
         engine = engine_for(cvae)
     except VaeLoadError as exc:
+        if getattr(cvae, "patcher", None) is not None:  # load first, so the time is the round trip's alone
+            mm.load_models_gpu([cvae.patcher])
         t0 = time.perf_counter()
         img = cvae.decode(cvae.encode(((x + 1) / 2).movedim(1, -1)))
         seconds = time.perf_counter() - t0
         img = img.reshape(-1, *img.shape[-3:])[: x.shape[0]]
-        return img.movedim(-1, 1).float().cpu() * 2 - 1, seconds, f"ComfyUI's own encode/decode, untiled ({exc.found})"
+        ignored = [what for what, on in (("tile", bool(tile)), ("precision", precision != "as loaded")) if on]
+        how = f"ComfyUI's own encode/decode, untiled, in the VAE's own dtype ({exc.found})"
+        if ignored:
+            how += f"; {' and '.join(ignored)} not applied to it"
+        return img.movedim(-1, 1).float().cpu() * 2 - 1, seconds, how
     family = engine.vae.info.family
     ran: dict[str, Any] = {}
 

@@ -207,9 +207,9 @@ def test_inputs_and_outputs_are_checked_before_any_work(tmp_path, capsys):
     photos.mkdir()
     (photos / "a.png").write_bytes(SAMPLE.read_bytes())
     (photos / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    code, _, err = _cli(["eval", str(photos), "-o", str(tmp_path / "r2")], capsys)
+    code, _, err = _cli(["eval", str(photos), "-o", str(tmp_path / "n1" / "n2" / "r2")], capsys)
     assert code == 2 and "zz-broken.png: not a readable image" in err
-    assert "[#" not in err and not (tmp_path / "r2").exists()  # found before the first run, nothing left behind
+    assert "[#" not in err and not (tmp_path / "n1").exists()  # found before the first run, no folder left behind
     code, _, err = _cli(["eval", "-o", "/proc/vae-lab-report"], capsys)  # a folder nobody can create
     assert code == 2 and err.startswith("error: /proc/vae-lab-report:") and "[#" not in err
 
@@ -226,6 +226,9 @@ def test_combinations_a_vae_cannot_run_are_left_out_with_a_note(tmp_path, capsys
     assert "note: taesd · fp16-fix: not run" in stdout and "note: taesd · diffusers tiling: not run" in stdout
     data = json.loads((out / "results.json").read_text())
     assert [s["label"] for s in data["settings"]] == ["taesd · fp32 · untiled", "taesd · fp32 · tile 64 exact"]
+    code, _, err = _cli(["eval", "--vae", str(tiny), "--dtype", "fp16-fix", "-o", str(tmp_path / "none")], capsys)
+    assert code == 2 and "error: nothing to run: every combination asked for was left out" in err
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_nan_peer_row_is_reported_not_fatal(tmp_path, capsys):
@@ -277,6 +280,27 @@ def test_a_bf16_retry_leaves_the_fp16_weights_as_they_were(tmp_path, monkeypatch
     assert "bf16" in ran and torch.isfinite(y).all() and vae.dtype == torch.float16
     assert all(torch.equal(before[k], v) for k, v in vae.model.state_dict().items())
     assert vae.guard.working_dtype is None  # what the guard remembered before is back
+    from vae_core.lab import run_lab
+
+    (tmp_path / "x.png").write_bytes(SAMPLE.read_bytes())
+    result = run_lab([tmp_path / "x.png"] * 2, {"o": vae_core.load_vae(tmp_path / "o.safetensors")}, ["fp16"],
+                     [None], ["exact"], size=64)
+    runs = [r for r in result.runs if r.setting.dtype == "fp16"]
+    assert ["bf16" in r.ran_as for r in runs] == [True, True]  # the second image saw the same fp16 weights
+    assert runs[0].values["psnr"] == runs[1].values["psnr"]
+
+
+def test_compare_pair_means_per_image_values():
+    from vae_core import metrics
+    from vae_core.lab import compare_pair
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    a = x + torch.tensor([0.01, 0.2]).view(2, 1, 1, 1) * torch.randn(x.shape, generator=g)
+    _, heat, text = compare_pair(x, a, x.clone(), ("a", "b"), (0.1, 0.2))
+    per = [metrics.psnr(metrics.to_unit(x[i:i + 1]), metrics.to_unit(a[i:i + 1])) for i in range(2)]
+    assert f"A a: PSNR {sum(per) / 2:.2f} dB" in text and "B b: PSNR inf dB" in text
+    assert heat.shape == (2, 3, 32, 64) and float(heat[..., 32:].max()) < 0.02  # B identical: black
 
 
 def test_settings_and_inputs_helpers(tmp_path):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .errors import VaeError, VaeInputError
-from .lab_measure import measured, roundtrip
+from .lab_measure import fp16_snapshot, measured, roundtrip
 from .memory import is_oom
 from .tiling import TileReport
 from .vae import Vae, make_fp16_safe
@@ -116,8 +116,8 @@ class LabResult:
 
 # -- inputs ----------------------------------------------------------------------------------------------------
 def find_images(paths: Sequence[os.PathLike | str], limit: int = 100_000) -> list[Path]:
-    """Image files among ``paths``: files as given, folders walked (links not followed, sorted) for files with an
-    :data:`IMAGE_EXTENSIONS` suffix.
+    """Image files among ``paths``: files as given, folders walked (links to folders not followed; links to files
+    are read like files; sorted) for files with an :data:`IMAGE_EXTENSIONS` suffix.
 
     Raises:
         VaeInputError: a path that does not exist, a folder with no images, or no paths.
@@ -195,8 +195,13 @@ def make_settings(vaes: Sequence[str], dtypes: Sequence[str], tiles: Sequence[Op
     for m in modes:
         if m not in MODE_CHOICES:
             raise VaeInputError(f"mode {m!r}; expected one of {', '.join(MODE_CHOICES)}")
+    import importlib.util
+
     requested: list[Setting] = []
     notes: list[str] = []
+    if "diffusers" in modes and any(t is not None for t in tiles) and importlib.util.find_spec("diffusers") is None:
+        raise VaeInputError("--mode diffusers: diffusers is not installed; expected `pip install diffusers` for the "
+                            "comparison row (or leave the mode out)")
     for v in vaes:
         can = caps.get(v, set(["fp16-fix", "diffusers"])) if caps is not None else {"fp16-fix", "diffusers"}
         for d in dtypes:
@@ -236,6 +241,7 @@ class _Variants:
     def __init__(self, vaes: dict[str, Vae]) -> None:
         self.base = vaes
         self.cache: dict[tuple[str, str], Vae] = {}
+        self.kept: dict[tuple[str, str], Optional[dict[str, torch.Tensor]]] = {}
         self.peers: dict[tuple[str, str, int], Any] = {}
 
     def get(self, label: str, dtype: str) -> Vae:
@@ -244,6 +250,7 @@ class _Variants:
             base = self.base[label]
             v = make_fp16_safe(base.clone()) if dtype == "fp16-fix" else base.clone()
             self.cache[key] = v.to(dtype=_TORCH_DTYPES[dtype]) if dtype != "fp32" else base
+            self.kept[key] = fp16_snapshot(self.cache[key])  # made once, outside the timed calls
         return self.cache[key]
 
     def diffusers(self, label: str, dtype: str, tile: int) -> Any:
@@ -253,6 +260,11 @@ class _Variants:
             from .bench import _diffusers_model
 
             vae = self.get(label, dtype)
+            try:
+                import diffusers  # noqa: F401 - its import sets its loggers' levels: quieten them after it
+            except ImportError as exc:
+                raise VaeInputError(f"--mode diffusers: diffusers is not installed ({exc}); expected `pip install "
+                                    "diffusers` for the comparison row") from exc
             quiet = logging.getLogger("diffusers")
             level = quiet.level
             quiet.setLevel(logging.ERROR)  # its advice on casting with .to() is about from_pretrained, not this copy
@@ -295,8 +307,10 @@ def _run_one(s: Setting, variants: _Variants, x: torch.Tensor, cache_bytes: Any,
         d = variants.diffusers(s.vae, s.dtype, s.tile or 0)
         y, seconds, peak = measured(lambda: _diffusers_roundtrip(d, x, vae.device, vae.dtype), vae.device)
         return y, s.dtype, seconds, peak
+    kept = variants.kept.get((s.vae, s.dtype))
     (y, ran_as), seconds, peak = measured(
-        lambda: roundtrip(vae, x, s.tile, "exact" if s.mode == "-" else s.mode, cache_bytes, report), vae.device)
+        lambda: roundtrip(vae, x, s.tile, "exact" if s.mode == "-" else s.mode, cache_bytes, report, kept),
+        vae.device)
     if s.tile is None and report.tiles:  # the engine's out-of-memory fallback tiled an untiled call
         ran_as += ", tiled after running out of memory"
     return y, ran_as, seconds, peak
@@ -324,6 +338,9 @@ def run_lab(images: Sequence[Path], vaes: dict[str, Vae], dtypes: Sequence[str],
 
     caps = {label: capabilities(v) for label, v in vaes.items()}
     settings, requested, notes = make_settings(list(vaes), dtypes, tiles, modes, caps)
+    if not requested:
+        raise VaeInputError(f"nothing to run: every combination asked for was left out ({'; '.join(notes)}); "
+                            "expected at least one setting these VAEs can run")
     device = next(iter(vaes.values())).device
     multiple = max(v.model.config.downscale for v in vaes.values())
     for path in images:  # fail on a broken or too small file before any work
@@ -449,7 +466,8 @@ def compare_pair(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, names: tuple
 
     lines = []
     for label, name, y01, t in (("A", names[0], a01, seconds[0]), ("B", names[1], b01, seconds[1])):
-        v = _values(x, x01, y01, y01, None)
+        per = [_values(x[i:i + 1], x01[i:i + 1], y01[i:i + 1], y01[i:i + 1], None) for i in range(x.shape[0])]
+        v = {k: (_mean_std(p[k] for p in per) or (None,))[0] for k in ("psnr", "ssim", "ms_ssim")}
         lines.append(f"{label} {name}: PSNR {v['psnr']:.2f} dB, SSIM {fmt(v['ssim'])}, MS-SSIM {fmt(v['ms_ssim'])}, "
                      f"round trip {t:.2f} s")
     ab, diff = _compare(a01, b01)

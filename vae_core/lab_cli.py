@@ -57,22 +57,31 @@ def _size(value: str) -> int:
     return n
 
 
-def _prepare_output(out: Path) -> bool:
-    """Create the report folder now and check it takes a file (before any work); returns whether it was created."""
+def _prepare_output(out: Path) -> list[Path]:
+    """Create the report folder now and check it takes a file (before any work); returns the folders created
+    (deepest first), for :func:`_remove_created` after a failure."""
     import tempfile
 
     from .safe_paths import describe_oserror
 
-    created = not out.exists()
+    created = [p for p in [out, *out.absolute().parents] if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".vae-lab-probe-"):
             pass
     except OSError as exc:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        _remove_created(created)
         raise VaeInputError(describe_oserror(out, exc, "a folder where the report can be written")) from exc
     return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the folders a failed run created, deepest first, as long as they are empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def load_lpips(weights: Path, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], float]:
@@ -184,8 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         command = "python -m vae_core " + " ".join(shlex.quote(a) for a in (args.argv or ["eval"]))
         paths = write_report(result, out, command)
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed run leaves nothing behind
+        _remove_created(created)  # a failed run leaves no folder it made behind
         raise
     rows = aggregate(result)
     keys = [(k, lab, unit) for k, lab, unit, _ in METRICS if any(row[k] is not None for row in rows)]

@@ -17,7 +17,7 @@ from .precision import bf16_supported
 from .tiling import TileReport
 from .vae import Vae
 
-__all__ = ["measured", "roundtrip", "dtype_name"]
+__all__ = ["measured", "roundtrip", "fp16_snapshot", "dtype_name"]
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -58,30 +58,46 @@ def measured(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, O
     return out, seconds, peak
 
 
+def fp16_snapshot(vae: Vae) -> Optional[dict[str, torch.Tensor]]:
+    """A CPU copy of an fp16 VAE's weights where the NaN guard may retry in bf16 (CUDA with bf16), for
+    :func:`roundtrip` to put back; None where no retry can round them (then nothing is kept)."""
+    if vae.dtype != torch.float16 or not bf16_supported(vae.device):
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in vae.model.state_dict().items()}
+
+
 def roundtrip(vae: Vae, x: torch.Tensor, tile: Optional[int], mode: str = "exact", cache_bytes: Any = "auto",
-              report: Optional[TileReport] = None) -> tuple[torch.Tensor, str]:
+              report: Optional[TileReport] = None, kept: Optional[dict[str, torch.Tensor]] = None
+              ) -> tuple[torch.Tensor, str]:
     """Encode then decode ``x`` (``[B, 3, H, W]`` in [-1, 1]) → (images ``[B, 3, H, W]`` float32 about [-1, 1],
     the dtypes the NaN guard really used, e.g. ``"fp16"`` or ``"fp16 encode, fp32 decode"``).
 
     Each call is tried in the VAE's own dtype: the guard's remembered fallback is set aside for the call and put
-    back afterwards, and after a fallback the VAE gets its own weights back (a bf16 retry of an fp16 VAE would
-    otherwise leave bf16-rounded weights behind: for that case the weights are kept aside during the call)."""
+    back afterwards, and after a fallback (or a failure) the VAE is cast back to its dtype. A bf16 retry of an fp16
+    VAE would leave bf16-rounded weights behind, so then the weights are put back from ``kept``
+    (:func:`fp16_snapshot`; made here when not given — pass one made beforehand to keep the copy out of a timed
+    call)."""
     dtype, remembered = vae.dtype, vae.guard.working_dtype
-    lossy = dtype == torch.float16 and bf16_supported(vae.device)
-    kept = {k: v.detach().clone() for k, v in vae.model.state_dict().items()} if lossy else None
+    if kept is None:
+        kept = fp16_snapshot(vae)
     used = []
     kw = dict(tile=tile, mode=mode, cache_bytes=cache_bytes, report=report)
     out = x
+
+    def restore() -> None:
+        if vae.dtype != dtype:  # the guard re-ran a call in a wider dtype
+            vae.model.to(dtype=dtype)
+            if kept is not None:
+                vae.model.load_state_dict(kept)
+
     try:
         for op in ("encode", "decode"):
             vae.guard.working_dtype = None
             out = getattr(vae, op)(out, **kw)
             used.append(vae.guard.working_dtype or dtype)
-            if vae.dtype != dtype:  # the guard re-ran the call in a wider dtype
-                vae.model.to(dtype=dtype)
-                if kept is not None:
-                    vae.model.load_state_dict(kept)
+            restore()
     finally:
+        restore()
         vae.guard.working_dtype = remembered
     names = [dtype_name(d) for d in used]
     return out, names[0] if names[0] == names[1] else f"{names[0]} encode, {names[1]} decode"

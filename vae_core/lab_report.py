@@ -167,7 +167,8 @@ def results_csv(result: LabResult) -> str:
         s = r.setting
         rows.append([r.image, s.vae, s.dtype, s.tile or "", s.mode, s in result.requested, r.ran_as, r.tiles,
                      *[_json_value(r.values[k]) if r.values[k] is not None else "" for k in keys],
-                     r.max_diff_255.get("untiled", ""), r.max_diff_255.get("fp32", "")])
+                     *[("not finite" if r.max_diff_255[k] is None else r.max_diff_255[k]) if k in r.max_diff_255
+                       else "" for k in ("untiled", "fp32")]])
     return _csv(rows)
 
 
