@@ -260,9 +260,22 @@ def test_taesd_from_core_loader_runs_exact_halo_tiling(comfy):
     assert "halo tiling" in note and (latent["samples"] - taesd.encode(image)).abs().max() < 1e-4
 
 
+def _load_from_vae_approx(comfy, approx, name):
+    """Load VAE lists ``<name>_decoder.pth`` in ``approx`` (as models/vae_approx) once, without its encoder twin,
+    and loads it (picking the twin up)."""
+    import folder_paths
+
+    folder_paths.folder_names_and_paths["vae_approx"] = [str(approx)]
+    try:
+        choices = comfy.NODE_CLASS_MAPPINGS["VaePackLoader"].INPUT_TYPES()["required"]["vae_name"][0]
+        assert f"vae_approx/{name}_decoder.pth" in choices and f"vae_approx/{name}_encoder.pth" not in choices
+        return _node(comfy, "VaePackLoader").load(f"vae_approx/{name}_decoder.pth")
+    finally:
+        del folder_paths.folder_names_and_paths["vae_approx"]
+
+
 def test_loader_lists_and_loads_taesd_from_vae_approx(comfy, tmp_path):
     import comfy.sd as csd
-    import folder_paths
     from diffusers import AutoencoderTiny
 
     approx = tmp_path / "vae_approx"
@@ -274,13 +287,7 @@ def test_loader_lists_and_loads_taesd_from_vae_approx(comfy, tmp_path):
            if k.startswith("decoder.")}
     torch.save(enc, approx / "taesdxl_encoder.pth")
     torch.save(dec, approx / "taesdxl_decoder.pth")
-    folder_paths.folder_names_and_paths["vae_approx"] = [str(approx)]
-    try:
-        choices = comfy.NODE_CLASS_MAPPINGS["VaePackLoader"].INPUT_TYPES()["required"]["vae_name"][0]
-        assert "vae_approx/taesdxl_decoder.pth" in choices and "vae_approx/taesdxl_encoder.pth" not in choices
-        vae, info = _node(comfy, "VaePackLoader").load("vae_approx/taesdxl_decoder.pth")
-    finally:
-        del folder_paths.folder_names_and_paths["vae_approx"]
+    vae, info = _load_from_vae_approx(comfy, approx, "taesdxl")
     assert isinstance(vae, csd.VAE) and vae.tiny and "taesdxl" in info  # ComfyUI's own TAESD, SDXL scaling
     assert vae.vae_scale == pytest.approx(0.13025)
     x = _photo(64)
@@ -293,7 +300,6 @@ def test_taef2_from_vae_approx_runs_on_the_engine(comfy, tmp_path):
     """TAEF2's pool blocks are newer than v0.3.64's TAESD: Load VAE returns ComfyUI's VAE class running vae_core's
     network (TAEF2's own 32-channel latents), which core-style encode/decode and our tiled nodes use."""
     import comfy.sd as csd
-    import folder_paths
     from test_family_taef2 import DEC_POOL, ENC_POOL, _pool_tensors
     from test_family_tiny import _original_halves, _tiny
 
@@ -302,13 +308,7 @@ def test_taef2_from_vae_approx_runs_on_the_engine(comfy, tmp_path):
     enc, dec = _original_halves(_tiny(32))
     torch.save(enc | _pool_tensors(ENC_POOL, 1), approx / "taef2_encoder.pth")
     torch.save(dec | _pool_tensors(DEC_POOL, 2), approx / "taef2_decoder.pth")
-    folder_paths.folder_names_and_paths["vae_approx"] = [str(approx)]
-    try:
-        choices = comfy.NODE_CLASS_MAPPINGS["VaePackLoader"].INPUT_TYPES()["required"]["vae_name"][0]
-        assert "vae_approx/taef2_decoder.pth" in choices and "vae_approx/taef2_encoder.pth" not in choices
-        vae, info = _node(comfy, "VaePackLoader").load("vae_approx/taef2_decoder.pth")
-    finally:
-        del folder_paths.folder_names_and_paths["vae_approx"]
+    vae, info = _load_from_vae_approx(comfy, approx, "taef2")
     assert isinstance(vae, csd.VAE) and vae.vae_pack_engine and "taef2" in info and "runs vae_core's network" in info
     ref = vae_core.load_vae(approx / "taef2_decoder.pth")
     x = _photo(128)
