@@ -28,7 +28,7 @@ from ..vae_core.attach import HostEngine
 from ..vae_core.lab_measure import roundtrip
 from ..vae_core.model_tiny import TinyAutoencoder
 from ..vae_core.precision import GuardState, guarded
-from ..vae_core.tiling import estimate_bytes
+from ..vae_core.memory import estimate_bytes, plan_call, tile_bytes
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +140,34 @@ def engine_for(cvae: Any) -> HostEngine:
     return engine
 
 
-def run_engine(cvae: Any, fn: Callable[[Vae], torch.Tensor], pixels: int, tiled: bool) -> torch.Tensor:
-    """Run ``fn`` on the engine of ``cvae`` after ComfyUI's model management has loaded the VAE on its device.
+def run_engine(cvae: Any, fn: Callable[[Vae, Optional[int]], torch.Tensor], image_shape: tuple[int, int, int],
+               tile: Any) -> torch.Tensor:
+    """Run ``fn(vae, tile)`` on the engine of ``cvae`` after ComfyUI's model management has loaded the VAE.
 
-    The memory asked of ``load_models_gpu`` is the engine's working set for one tile (``tiled``) or the whole image;
-    the whole VAE is loaded (no low-VRAM partial load: the engine runs plain modules on the loaded weights).
+    ``image_shape`` is ``(batch, height, width)`` of the images decoded or encoded; ``tile`` an edge in px, None
+    (untiled) or ``"auto"``. For ``"auto"`` the call is planned against the device's *total* usable memory first
+    (:func:`vae_core.memory.plan_call`): untiled only where it fits at all, else the largest tile that fits. Model
+    management is then asked for the working set of the call that will really run, so it evicts the UNet and text
+    encoders only when that buys an untiled call (a 4K decode on a 12 GB card tiles anyway and evicts nothing it need
+    not). The whole VAE is loaded (the engine runs plain modules on the loaded weights).
     """
     engine = engine_for(cvae)
+    model = engine.vae.model
     dtype = engine.vae.guard.working_dtype or getattr(cvae, "vae_dtype", torch.float32)
-    need = estimate_bytes(engine.vae.model, pixels if not tiled else min(pixels, 1024 * 1024), dtype)
+    batch, height, width = image_shape
+    if tile == "auto":
+        device = getattr(cvae, "device", None) or mm.get_torch_device()
+        weights = mm.module_size(cvae.first_stage_model) if hasattr(mm, "module_size") else 0
+        reserved = mm.extra_reserved_memory() if hasattr(mm, "extra_reserved_memory") else 0
+        usable = int(mm.get_total_memory(device)) - int(weights) - int(reserved)
+        tile, need = plan_call(model, height, width, batch, dtype, usable)
+    elif tile is None:
+        need = estimate_bytes(model, batch * height * width, dtype)
+    else:
+        need = tile_bytes(model, int(tile), dtype)
     mm.load_models_gpu([cvae.patcher], memory_required=need, force_full_load=True)
     with engine.attached() as vae:
-        return fn(vae)
+        return fn(vae, tile)
 
 
 def comfy_tiled(cvae: Any, method: str, t: torch.Tensor, tile: int) -> torch.Tensor:
@@ -189,7 +205,7 @@ def guard_comfy_vae(cvae: Any) -> Any:
         def wrapped(x: torch.Tensor, *args: Any, _orig: Callable = original, _what: str = name, **kw: Any):
             def run(dtype: torch.dtype) -> torch.Tensor:
                 if cvae.vae_dtype != dtype:
-                    cvae.first_stage_model.to(dtype)
+                    state.cast(cvae.first_stage_model, dtype)  # from the weights as loaded, never a rounded retry's
                     cvae.vae_dtype = dtype
                 return _orig(x, *args, **kw)
 
@@ -227,14 +243,14 @@ def comfy_roundtrip(cvae: Any, x: torch.Tensor, tile: int, mode: str, precision:
     family = engine.vae.info.family
     ran: dict[str, Any] = {}
 
-    def call(v: Vae) -> torch.Tensor:
+    def call(v: Vae, planned: Optional[int]) -> torch.Tensor:
         if precision != "as loaded":
             v = v.clone().to(dtype=precision)
         t0 = time.perf_counter()
-        y, ran["as"] = roundtrip(v, x, tile or None, mode)
+        y, ran["as"] = roundtrip(v, x, planned, mode)
         ran["seconds"] = time.perf_counter() - t0
         return y
 
-    y = run_engine(cvae, call, x.shape[0] * x.shape[-1] * x.shape[-2], tiled=bool(tile))
+    y = run_engine(cvae, call, (x.shape[0], x.shape[-2], x.shape[-1]), tile or None)
     how = f"vae_core engine, {family}, {ran['as']}, " + (f"tile {tile} {mode}" if tile else "untiled")
     return y.float().cpu(), ran["seconds"], how

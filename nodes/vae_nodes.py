@@ -97,10 +97,13 @@ def describe(report: TileReport, tile: Any) -> str:
     text = f"{report.schedule} tiling, {report.tiles} tiles, {report.sweeps} sweeps"
     if report.flops_useful:  # the GroupNorm engine counts its FLOPs; halo tiling (TAESD, Qwen-Image) does not
         text += f", {report.flops_total / report.flops_useful:.2f}x the untiled convolution FLOPs"
-    return text + f", cache {report.cache_peak / 2**20:.0f} MiB"
+    text += f", cache {report.cache_peak / 2**20:.0f} MiB"
+    if report.pinned_peak:
+        text += f" (of which {report.pinned_peak / 2**20:.0f} MiB pinned host memory, handed back after the call)"
+    return text
 
 
-def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pixels: int,
+def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, image_shape: tuple[int, int, int],
            fallback: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, str, bool]:
     """Run the engine's encode/decode on the ComfyUI VAE with a progress bar and ComfyUI's cancel; for a VAE the
     engine does not know (TAESD, video/audio VAEs) run ComfyUI's own tiled call instead and say so.
@@ -125,14 +128,14 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, pi
     report = TileReport()
     normalised = getattr(vae.first_stage_model, "normalised_latents", False)  # Flux.2 on an engine-backed VAE
 
-    def call(v: Any) -> torch.Tensor:
-        kw = dict(tile=tile, mode=mode, progress=progress, cancel=cancel, report=report)
+    def call(v: Any, planned: Any) -> torch.Tensor:
+        kw = dict(tile=planned, mode=mode, progress=progress, cancel=cancel, report=report)
         if method == "decode":
             return v.decode(v.unscale_latents(t) if normalised else t, **kw)
         z = v.encode(t, **kw)
         return v.scale_latents(z) if normalised else z
 
-    out = run_engine(vae, call, pixels, tiled=tile != "auto")
+    out = run_engine(vae, call, image_shape, tile)
     if video and method == "encode":
         out = out.unsqueeze(2)  # ComfyUI's convention for this VAE: [B, C, 1, h, w]
     return out, f"{mode}: {describe(report, tile)}", True
@@ -185,8 +188,8 @@ class VaePackDecodeTiled:
 
     def decode(self, samples: dict, vae: Any, tile_size: int, mode: str) -> tuple[torch.Tensor, str]:
         z = samples["samples"]
-        pixels = z.shape[-1] * z.shape[-2] * int(vae.spacial_compression_decode()) ** 2 * z.shape[0]
-        out, note, ran = _tiled(vae, "decode", z, tile_size, mode, pixels,
+        ratio = int(vae.spacial_compression_decode())
+        out, note, ran = _tiled(vae, "decode", z, tile_size, mode, (z.shape[0], z.shape[-2] * ratio, z.shape[-1] * ratio),
                                 lambda: comfy_tiled(vae, "decode", z, tile_size))
         return (_to_image(out) if ran else out.float().cpu()), note
 
@@ -206,7 +209,7 @@ class VaePackEncodeTiled:
 
     def encode(self, pixels: torch.Tensor, vae: Any, tile_size: int, mode: str) -> tuple[dict, str]:
         x = _to_model(pixels, int(vae.spacial_compression_encode()))
-        z, note, _ = _tiled(vae, "encode", x, tile_size, mode, x.shape[-1] * x.shape[-2] * x.shape[0],
+        z, note, _ = _tiled(vae, "encode", x, tile_size, mode, (x.shape[0], x.shape[-2], x.shape[-1]),
                             lambda: comfy_tiled(vae, "encode", pixels, tile_size))
         return {"samples": z.float().cpu()}, note
 

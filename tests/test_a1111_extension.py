@@ -265,15 +265,16 @@ def test_fp16_fix_applied_on_model_load(a1111, tmp_path):
     try:
         sd_vae.reload_vae_weights(sd_model, sd_vae.vae_dict["overflowing.safetensors"])
         fsm = sd_model.first_stage_model
-        assert next(fsm.parameters()).dtype == torch.float16 and fsm._vae_pack_fixed
+        hooks = sys.modules["webui_extension.hooks"]
+        assert next(fsm.parameters()).dtype == torch.float16 and hooks.is_fixed(fsm)
         assert len({m.eps for m in fsm.modules() if isinstance(m, torch.nn.GroupNorm)}) > 1  # eps rescaled too
         with torch.no_grad():
             y = fsm.decode(fsm.encode(x.half()).mean)
         assert y.dtype == torch.float16 and torch.isfinite(y).all()
         assert (y.float() - ref).abs().max() < 0.05
-        stamp = fsm._vae_pack_fixed
+        weights = {k: v.clone() for k, v in fsm.state_dict().items()}
         a1111["callbacks"].model_loaded_callback(sd_model)  # same weights: not rescaled twice
-        assert fsm._vae_pack_fixed == stamp
+        assert all(torch.equal(v, weights[k]) for k, v in fsm.state_dict().items()) and hooks.is_fixed(fsm)
     finally:
         devices.dtype_vae = torch.float32
         sd_vae.reload_vae_weights(sd_model, None)
@@ -295,3 +296,101 @@ def test_install_py_quiet_outside_a1111_and_uses_its_pip_inside(tmp_path):
                             env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
     assert inside.returncode == 0, inside.stderr
     assert inside.stdout.strip() == "PIP install safetensors>=0.4"  # only the missing one, never torch
+
+
+def test_fp16_fix_reapplied_after_a_reload_of_the_same_weights(a1111):
+    """A VAE inflated everywhere but its first segment keeps conv_in at factor 1 under the fix, so a conv_in checksum
+    took the reloaded, un-fixed weights for fixed ones: the second fix was skipped and fp16 went non-finite. The
+    fingerprint covers every tensor."""
+    from vae_core.precision import rescale_stream, stream_segments
+
+    sd_vae, sd_model, devices = a1111["sd_vae"], a1111["sd_model"], a1111["devices"]
+    hooks = sys.modules["webui_extension.hooks"]
+    big = vae_core.load_vae(MINI_LDM)
+    enc, dec = stream_segments(big.model)
+    rescale_stream(enc, big.model.encoder.norm_out, [1.0] + [256.0] * (len(enc) - 1))
+    rescale_stream(dec, big.model.decoder.norm_out, [1.0] + [256.0] * (len(dec) - 1))
+    path = a1111["vae_dir"] / "inflated-but-first.safetensors"
+    vae_core.save_vae(big, path, dtype="fp32")
+    sd_vae.refresh_vae_list()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ref_model = vae_core.load_vae(MINI_LDM)
+    ref = ref_model.decode(ref_model.encode(x))
+    devices.dtype_vae = torch.float16
+    try:
+        sd_vae.reload_vae_weights(sd_model, sd_vae.vae_dict[path.name])
+        fsm = sd_model.first_stage_model
+        assert hooks.is_fixed(fsm)
+        sd_vae._load_vae_dict(sd_model, sd_vae.load_vae_dict(str(path), None))  # A1111 reloading the same file
+        assert not hooks.is_fixed(fsm)
+        a1111["callbacks"].model_loaded_callback(sd_model)
+        assert hooks.is_fixed(fsm)
+        hooks.remove_guard(fsm)  # the raw fp16 output, without the NaN guard's fallback
+        with torch.no_grad():
+            y = fsm.decode(fsm.encode(x.half()).mean)
+        assert y.dtype == torch.float16 and torch.isfinite(y).all() and (y.float() - ref).abs().max() < 0.05
+    finally:
+        devices.dtype_vae = torch.float32
+        sd_vae.reload_vae_weights(sd_model, None)
+        sd_model.first_stage_model.to(torch.float32)
+        path.unlink()
+
+
+def test_a_failed_job_leaves_no_tiled_hook_behind(a1111):
+    """A1111 skips postprocess when a job raises, and process() returned early when tiling was off, so the next
+    untiled job ran tiled. Now every job starts by restoring, and closing a job (A1111 does it in a finally)
+    restores too."""
+    sd_model = a1111["sd_model"]
+    fsm = sd_model.first_stage_model
+    script, p = _processing(a1111)
+    closed = []
+    p.close = lambda: closed.append(True)
+    script.process(p, True, 128, 128, "exact")
+    assert "forward" in fsm.decoder.__dict__
+    # the job fails here: no postprocess
+    p.close()  # what `with closing(p)` does on the way out
+    assert "forward" not in fsm.decoder.__dict__ and closed == [True]
+    p.close()  # the job's own close is back, unwrapped
+    assert closed == [True, True]
+    script.process(p, True, 128, 128, "exact")  # failed again, and A1111 did not even close it
+    _, nxt = _processing(a1111)
+    script.before_process(nxt)
+    assert "forward" not in fsm.decoder.__dict__ and "forward" not in fsm.encoder.__dict__
+    script.process(nxt, True, 128, 128, "fast")
+    script.process(nxt, False, 128, 128, "exact")  # tiling off: nothing left installed either
+    assert "forward" not in fsm.decoder.__dict__
+
+
+def test_a1111_guard_retries_from_the_loaded_weights(a1111, monkeypatch):
+    """fp16 → bf16 → fp32 on A1111's first stage: the fp32 retry runs the loaded fp16 weights, not bf16-rounded ones
+    (bf16 simulated as native)."""
+    monkeypatch.setattr("vae_core.precision.bf16_supported", lambda device: True)
+    sd_model, devices = a1111["sd_model"], a1111["devices"]
+    fsm = sd_model.first_stage_model
+    a1111["sd_vae"].reload_vae_weights(sd_model, a1111["sd_vae"].vae_dict["mini-ldm.safetensors"])
+    hooks = sys.modules["webui_extension.hooks"]
+    hooks.remove_guard(fsm)
+    devices.dtype_vae = torch.float16
+    fsm.to(torch.float16)
+    loaded = {k: v.clone() for k, v in fsm.state_dict().items()}
+    real = fsm.decoder.forward
+    seen = []
+
+    def nan_below_fp32(h):
+        seen.append({k: v.clone() for k, v in fsm.state_dict().items()})
+        y = real(h)
+        if y.dtype != torch.float32:
+            y[-1, -1, -1, -1] = float("nan")
+        return y
+
+    fsm.decoder.forward = nan_below_fp32
+    try:
+        hooks.install_guard(fsm, devices)
+        y = sd_model.decode_first_stage(torch.randn(1, 4, 8, 8))
+        assert torch.isfinite(y).all() and len(seen) == 3
+        assert all(torch.equal(seen[2][k], v.float()) for k, v in loaded.items())
+    finally:
+        del fsm.decoder.forward
+        hooks.remove_guard(fsm)
+        devices.dtype_vae = torch.float32
+        fsm.to(torch.float32)

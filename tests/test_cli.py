@@ -74,9 +74,13 @@ def test_convert_encode_decode_roundtrip(tmp_path):
 
 
 def test_bench_prints_table():
-    out = run("bench", "--vae", MINI_LDM, "--size", "128", "--tile", "64", "--op", "decode", "encode")
+    out = run("bench", "--vae", MINI_LDM, "--size", "128", "--tile", "64", "--op", "decode", "encode", "--runs", "2")
     rows = [line for line in out.splitlines() if line.startswith("| decode") or line.startswith("| encode")]
     names = {r.split("|")[3].strip() for r in rows}
-    assert {"untiled", "vae_core exact", "vae_core fast"} <= names
+    assert {"untiled", "vae_core exact", "vae_core fast", "diffusers untiled", "diffusers tiled"} <= names
     exact = [r for r in rows if "vae_core exact" in r]
     assert all(float(re.search(r"([\d.]+) dB", r).group(1)) >= 50 for r in exact), exact
+    peer = [r for r in rows if "diffusers untiled" in r]  # the same weights in diffusers' network: float rounding
+    assert all(float(re.search(r"([\d.]+) dB", r).group(1)) >= 100 for r in peer), peer
+    sweeps = {r.split("|")[1].strip(): int(r.split("|")[9]) for r in exact}
+    assert sweeps == {"decode": 22, "encode": 15}, sweeps  # one call's sweeps, not the sum over the runs

@@ -378,3 +378,63 @@ def test_qwen_image_vae_runs_on_the_engine(comfy, tmp_path):
     assert (vae.decode(z) - y_ref).abs().max() < 1e-4
     image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, vae, 64, "exact")
     assert "halo tiling, 8 tiles" in note and (image - y_ref).abs().max() < 1e-4  # 4 before and 4 after the mid block
+
+
+def test_auto_tile_is_planned_against_the_devices_total_memory(comfy, monkeypatch):
+    """tile_size 0 (auto): when the untiled decode cannot fit even an empty device, the node tiles from the start and
+    asks model management only for one tile's working set (asking for the whole image evicted the UNet and text
+    encoders for nothing); when it fits, it asks for the untiled working set and runs untiled."""
+    import comfy.model_management as mm
+
+    from vae_core.memory import estimate_bytes
+
+    vae, _ = _node(comfy, "VaePackLoader").load("mini-ldm.safetensors")
+    z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(0))
+    model = sys.modules["vae_pack_under_test.nodes.comfy_bridge"].engine_for(vae).vae.model
+    untiled = estimate_bytes(model, 384 * 384, torch.float32)
+    weights = mm.module_size(vae.first_stage_model)
+    monkeypatch.setattr(mm, "total_memory", weights + untiled // 2)  # a card too small for the untiled call
+    mm.load_calls.clear()
+    image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, vae, 0, "exact")
+    (_, need, _), = mm.load_calls
+    assert need < untiled // 2 and "tiles" in note and not note.startswith("exact: untiled"), (need, untiled, note)
+    monkeypatch.setattr(mm, "total_memory", 64 * 2**30)
+    mm.load_calls.clear()
+    again, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, vae, 0, "exact")
+    (_, need, _), = mm.load_calls
+    assert need == untiled and note.startswith("exact: untiled") and (again - image).abs().max() < 1e-4
+
+
+def test_comfy_guard_retries_from_the_loaded_weights(comfy, monkeypatch):
+    """fp16 → bf16 → fp32 in the fp16-fix node's guard: the fp32 retry runs the fp16 weights as loaded, not
+    bf16-rounded ones (bf16 simulated as native)."""
+    monkeypatch.setattr("vae_pack_under_test.vae_core.precision.bf16_supported", lambda device: True)
+    vae, _ = _node(comfy, "VaePackLoader").load("mini-ldm.safetensors")
+    guarded, _ = _node(comfy, "VaePackFp16Fix").apply(vae, False, "fp16")
+    fsm = guarded.first_stage_model
+    loaded = {k: v.clone() for k, v in fsm.state_dict().items()}
+    real = fsm.decode
+    seen = []
+
+    def nan_below_fp32(z, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in fsm.state_dict().items()})
+        out = real(z, *args, **kwargs)
+        y = getattr(out, "sample", out)  # the stand-in's network is diffusers'
+        if y.dtype != torch.float32:
+            y.view(-1)[-1] = float("nan")
+        return out
+
+    fsm.decode = nan_below_fp32
+    y = guarded.decode(torch.randn(1, 4, 8, 8))
+    assert torch.isfinite(y).all() and guarded.vae_dtype == torch.float32 and len(seen) == 3
+    assert all(torch.equal(seen[2][k], v.float()) for k, v in loaded.items())
+
+
+def test_report_says_how_much_was_pinned(comfy):
+    from vae_core.tiling import TileReport
+
+    nodes = sys.modules["vae_pack_under_test.nodes.vae_nodes"]
+    text = nodes.describe(TileReport(schedule="level-major", tiles=4, sweeps=22, cache_peak=300 * 2**20,
+                                     pinned_peak=200 * 2**20), 512)
+    assert "cache 300 MiB" in text and "200 MiB pinned host memory, handed back" in text
+    assert "pinned" not in nodes.describe(TileReport(schedule="level-major", tiles=4, sweeps=22), 512)

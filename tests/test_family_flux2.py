@@ -103,10 +103,32 @@ def test_exact_tiling_and_fp16_fix(containers):
         z64, y64 = truth.encode(x.double()), truth.decode(z.double())
     assert psnr(z_tiled, z) >= 130 and _rms(z_tiled, z64) <= 1.25 * _rms(z, z64)
     assert psnr(y_tiled, y) >= 130 and _rms(y_tiled, y64) <= 1.25 * _rms(y, y64)
-    fixed = vae_core.make_fp16_safe(vae)
-    assert fixed.info.fp16_fix is not None
-    y32 = fixed.decode(z)
-    assert (y32 - vae.decode(z)).abs().max() < 1e-4  # the rescaling leaves fp32 outputs unchanged
+
+
+
+def test_fp16_fix_on_an_overflowing_flux2_vae(containers):
+    """The random model's peaks are ~13 (every factor would be 1, a no-op): inflate its stream 2¹⁴× first (same fp32
+    outputs), check fp16 really overflows, then that the fix brings it back without a fallback."""
+    from vae_core.precision import rescale_stream, stream_segments
+
+    vae = vae_core.load_vae(containers["diffusers-folder"])
+    big = vae.clone()
+    enc, dec = stream_segments(big.model)
+    rescale_stream(enc, big.model.encoder.norm_out, [16384.0] * len(enc))
+    rescale_stream(dec, big.model.decoder.norm_out, [16384.0] * len(dec))
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    z = vae.encode(x)
+    y = vae.decode(z)
+    assert (big.decode(z) - y).abs().max() < 1e-3  # same function in fp32
+    unfixed = big.clone().to(torch.float16)
+    unfixed.decode(z)
+    assert unfixed.guard.working_dtype == torch.float32  # overflowed: the guard had to fall back
+    fixed = vae_core.make_fp16_safe(big)
+    assert fixed.info.fp16_fix["peak_before"] > 65504 >= 4 * fixed.info.fp16_fix["peak_after"]
+    assert (fixed.decode(z) - y).abs().max() < 1e-3  # the rescaling leaves fp32 outputs unchanged
+    half = fixed.to(torch.float16)
+    y16 = half.decode(z)
+    assert half.guard.working_dtype is None and torch.isfinite(y16).all() and (y16 - y).abs().max() < 0.05
 
 
 def test_save_as_diffusers_folder_loads_in_diffusers(containers, reference, tmp_path):

@@ -190,7 +190,7 @@ def test_save_refuses_its_own_input(tmp_path):
 def test_bad_scaling_argument(bad):
     with pytest.raises(VaeInputError, match="scaling_factor") as err:
         vae_core.load_vae(MINI_LDM, scaling_factor=bad)
-    assert "argument" in str(err.value) and "finite number > 0" in str(err.value)
+    assert "argument" in str(err.value) and "finite number from 0.0001 to 10000" in str(err.value)
 
 
 def test_bad_factors_in_files(tmp_path, ldm_sd):

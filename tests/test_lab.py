@@ -18,7 +18,11 @@ from vae_core.images import load_image
 from vae_core.lab import find_images, make_settings, prepare_image
 from conftest import MINI_LDM, SAMPLE
 
-skm = pytest.importorskip("skimage.metrics")
+
+
+def _skimage_metrics():
+    """scikit-image's metrics, the independent reference (only the tests that compare with it skip without it)."""
+    return pytest.importorskip("skimage.metrics")
 
 
 def _run(argv, capsys):
@@ -51,6 +55,7 @@ def test_every_combination_and_its_references(report):
 
 
 def test_metrics_match_a_direct_round_trip(report):
+    skm = _skimage_metrics()
     _, data = report
     x = prepare_image(load_image(SAMPLE), 384, 8)  # fast differs above its 256² proxy
     vae = vae_core.load_vae(MINI_LDM)
@@ -179,9 +184,9 @@ def _cli(argv, capsys):
     (["eval", "--size", "1000000"], "expected an integer from 8 to 16384"),
     (["eval", "--dtype", "fp8"], "invalid choice: 'fp8'"),
     (["eval", "--device", "foo"], "--device 'foo': not a device"),
-    (["eval", "--device", "meta"], "device type 'meta'; expected 'cpu'"),
+    (["eval", "--device", "meta"], "device type 'meta'; expected one of cpu, cuda"),
     (["eval", "--lpips-weights", "x.pth"], "--lpips-weights x.pth"),
-] + ([(["eval", "--device", "cuda"], "CUDA device(s); expected 'cpu'")] if not torch.cuda.is_available() else []))
+] + ([(["eval", "--device", "cuda"], "sees 0 cuda device(s); expected 'cpu'")] if not torch.cuda.is_available() else []))
 def test_bad_arguments_are_one_clear_line(argv, message, capsys, tmp_path):
     code, _, err = _cli(argv + ["-o", str(tmp_path / "r")], capsys)
     last = err.strip().splitlines()[-1]
@@ -266,13 +271,14 @@ def test_identical_images_do_not_turn_a_summary_into_inf(tmp_path, capsys):
 
 
 def test_a_bf16_retry_leaves_the_fp16_weights_as_they_were(tmp_path, monkeypatch):
-    """On GPUs with bf16 the guard retries fp16 in bf16; fp16 → bf16 → fp16 would round the weights. The round trip
-    keeps them aside and puts them back (bf16 support is simulated here: bf16 runs on this CPU)."""
+    """On GPUs with bf16 the guard retries fp16 in bf16; fp16 → bf16 → fp16 would round the weights. The guard keeps
+    them aside and the round trip puts them back (bf16 support is simulated here: bf16 runs on this CPU)."""
+    import vae_core.lab as lab
     import vae_core.lab_measure as lm
     import vae_core.precision as prec
 
     monkeypatch.setattr(prec, "bf16_supported", lambda device: True)
-    monkeypatch.setattr(lm, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(lab, "bf16_supported", lambda device: True)
     vae = vae_core.load_vae(_overflowing_vae(tmp_path / "o.safetensors")).to("fp16")
     before = {k: v.clone() for k, v in vae.model.state_dict().items()}
     x = prepare_image(load_image(SAMPLE), 64, 8)

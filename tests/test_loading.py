@@ -11,7 +11,8 @@ import vae_core
 from vae_core.convert import diffusers_to_ldm, ldm_to_diffusers
 from conftest import MINI_DIFFUSERS, MINI_LDM, diffusers_vae
 
-TOL = 1e-4
+#: Largest difference from diffusers' output in fp32 (measured: 1.9e-6; a GroupNorm eps mutant exceeds this).
+TOL = 1e-5
 
 
 def _reference(model, x):

@@ -91,7 +91,8 @@ def test_odd_sizes_and_batches_encode(mini_vae, shape):
     ref = mini_vae.encode(x)
     out = mini_vae.encode(x, tile=64)
     assert out.shape == ref.shape == (shape[0], 4, shape[2] // 8, shape[3] // 8)
-    assert snr(ref, out) >= 50.0
+    for i in range(shape[0]):  # each batch item against its own untiled output (a per-item statistics bug: 47 dB)
+        assert snr(ref[i], out[i]) >= 120.0, (i, snr(ref[i], out[i]))
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 13, 7), (2, 4, 9, 17), (1, 4, 1, 20), (1, 4, 30, 1)])
@@ -101,7 +102,8 @@ def test_odd_sizes_and_batches_decode(mini_vae, shape):
     ref = mini_vae.decode(z)
     out = mini_vae.decode(z, tile=64)
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert psnr(ref, out) >= 50.0
+    for i in range(shape[0]):  # each batch item against its own untiled output (a per-item statistics bug: 47 dB)
+        assert psnr(ref[i], out[i]) >= 120.0, (i, psnr(ref[i], out[i]))
 
 
 def test_tile_larger_than_image_is_untiled(mini_vae):
@@ -238,3 +240,19 @@ def test_store_accounting_never_goes_negative():
     store.release(60)
     assert store.used["device"] == 0 and store.free() == 100
     assert store.put(0, 3, {"x": torch.zeros(5)}) and not store.put(1, 3, {"x": torch.zeros(30)})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_tiled_half_precision_is_as_close_to_fp32_as_untiled(mini_vae, photo_and_latent, dtype):
+    """In bf16/fp16 the tiles normalise with whole-image statistics, applied in float32 and rounded once as PyTorch's
+    own GroupNorm does: the tiled output is no further from the fp32 result than the untiled half-precision output is
+    (applying the norm in bf16 itself gave 1.34× the untiled error; a mutant without centring fell to 14 dB)."""
+    x, z = photo_and_latent
+    # decode 128 px (the mutants show there), encode 96 px: half-precision convs are slow on CPUs without AVX512
+    x, z = x[..., 192:288, 160:256], z[..., 24:40, 20:36]
+    half = mini_vae.clone().to(dtype=dtype)
+    for op, t in (("decode", z), ("encode", x)):
+        ref = getattr(mini_vae, op)(t)  # fp32, untiled
+        untiled, tiled = getattr(half, op)(t), getattr(half, op)(t, tile=64)
+        assert half.guard.working_dtype is None  # ran in half precision, no fallback
+        assert _rms(tiled, ref) <= 1.25 * _rms(untiled, ref), (op, _rms(tiled, ref), _rms(untiled, ref))

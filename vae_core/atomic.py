@@ -4,17 +4,21 @@ Stable API (the CLI imports both):
 
 * ``atomic_write(path: str | PathLike, write: Callable[[Path], None]) -> Path``
 * ``same_file(a: str | PathLike, b: str | PathLike) -> bool``
+* ``save_safetensors(path, tensors, metadata=None) -> Path``: atomic, and safetensors' own I/O errors (a full disk
+  during serialisation) raised as the ``OSError`` they are, with their errno.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Mapping, Optional, Union
 
-__all__ = ["atomic_write", "same_file"]
+__all__ = ["atomic_write", "same_file", "save_safetensors"]
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +103,25 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
         raise
     _fsync_path(out.parent if str(out.parent) else Path("."), directory=True)
     return out
+
+
+def save_safetensors(path: PathLike, tensors: Mapping[str, object], metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write ``tensors`` (name → CPU tensor) as a safetensors file at ``path``, atomically (:func:`atomic_write`).
+
+    safetensors reports I/O failures as its own ``SafetensorError`` ("... No space left on device (os error 28)");
+    they are raised as ``OSError`` with that errno, so callers treat a full disk during serialisation like any other
+    failed write.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(dict(tensors), str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            text = str(exc)
+            code = re.search(r"os error (\d+)", text)
+            number = int(code.group(1)) if code else errno.EIO
+            raise OSError(number, os.strerror(number) if code else text, str(path)) from exc
+
+    return atomic_write(path, write)

@@ -175,9 +175,11 @@ class HostEngine:
                 owner._buffers[leaf] = value.to(like.device)
             else:
                 owner._parameters[leaf] = nn.Parameter(value.to(like.device, like.dtype), requires_grad=False)
+        self.vae.guard.forget_weights()  # the host's tensors are the weights as loaded, for every call
         try:
             yield self.vae
         finally:
+            self.vae.guard.forget_weights()  # no copy of the host's weights outlives the call
             for key, p in self._empty.items():
                 owner, leaf = self._slots[key]
                 (owner._buffers if key in self._buffers else owner._parameters)[leaf] = p

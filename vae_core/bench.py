@@ -43,21 +43,23 @@ def _model(spec: dict[str, Any]):
     return AutoencoderKL(cfg).eval().requires_grad_(False)
 
 
-def _diffusers_model(model, device: torch.device, dtype: torch.dtype, tile: int, load: bool = True):
+def _diffusers_model(model, device: torch.device, dtype: torch.dtype, tile: Optional[int], load: bool = True):
+    """diffusers' AutoencoderKL on ``model``'s weights, with ``enable_tiling()`` at ``tile`` px (None: untiled)."""
     from diffusers import AutoencoderKL as DiffusersKL  # optional, benchmark only
 
     from .convert import diffusers_config, ldm_to_diffusers
 
     cfg = diffusers_config(model.config, 0.18215, None)
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    cfg["sample_size"] = tile
+    cfg["sample_size"] = tile or 512
     d = DiffusersKL(**cfg)
     if load:
         d.load_state_dict(ldm_to_diffusers(model.state_dict()))
     d = d.to(device, dtype).eval()
-    d.enable_tiling()
-    d.tile_sample_min_size = tile
-    d.tile_latent_min_size = tile // model.config.downscale
+    if tile is not None:
+        d.enable_tiling()
+        d.tile_sample_min_size = tile
+        d.tile_latent_min_size = tile // model.config.downscale
     return d
 
 
@@ -126,8 +128,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     model = _model(spec).to(device, dtype)
     x = _input(spec, model, device, dtype)
     impl, tile = spec["impl"], spec.get("tile")
-    if impl == "diffusers":
-        d = _diffusers_model(model, device, dtype, tile)
+    if impl in ("diffusers", "diffusers-untiled"):
+        d = _diffusers_model(model, device, dtype, tile if impl == "diffusers" else None)
         fn = (lambda t: d.decode(t).sample) if spec["op"] == "decode" else (lambda t: d.encode(t).latent_dist.mean)
     else:
         report = tiling.TileReport()
@@ -145,6 +147,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             out = None
+            if impl == "ours":  # the report of one call, not the sum over the runs
+                opts.report = report = tiling.TileReport()
             t0 = time.perf_counter()
             out = fn(x)
             if device.type == "cuda":
@@ -198,8 +202,8 @@ def flop_ratio(config: Any, op: str, size: int, impl: str, tile: int, mode: str 
     from .model_wan import WanConfig, WanImageVAE
 
     tiny = isinstance(config, (TinyConfig, WanConfig))  # halo-tiled families: no cache, no diffusers row
-    if tiny and impl == "diffusers":
-        return None  # diffusers' tiling is for AutoencoderKL
+    if tiny and impl.startswith("diffusers"):
+        return None  # diffusers' AutoencoderKL holds kl-f8 VAEs only
     with torch.device("meta"):
         model = (TinyAutoencoder(config) if isinstance(config, TinyConfig) else WanImageVAE(config)
                  if isinstance(config, WanConfig) else AutoencoderKL(config)).eval().requires_grad_(False)
@@ -210,9 +214,10 @@ def flop_ratio(config: Any, op: str, size: int, impl: str, tile: int, mode: str 
     try:
         with torch.no_grad():
             base = count(lambda: untiled(x))
-            if impl == "diffusers":
+            if impl.startswith("diffusers"):
                 with torch.device("meta"):
-                    d = _diffusers_model(model, torch.device("meta"), torch.float32, tile, load=False)
+                    d = _diffusers_model(model, torch.device("meta"), torch.float32,
+                                         tile if impl == "diffusers" else None, load=False)
                 fn = (lambda: d.decode(x).sample) if op == "decode" else (lambda: d.encode(x).latent_dist.mean)
             else:
                 if cache_bytes == "auto":
@@ -254,11 +259,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for op in args.op:
             for size in sizes:
                 impls = [("untiled", None), ("vae_core exact", "exact"), ("vae_core fast", "fast")]
-                if have_diffusers and isinstance(config, ModelConfig):  # diffusers' tiling: AutoencoderKL only
-                    impls.append(("diffusers tiled", None))
+                if have_diffusers and isinstance(config, ModelConfig):  # diffusers' network: AutoencoderKL only
+                    impls += [("diffusers untiled", None), ("diffusers tiled", None)]
                 ref, t_ref = None, None
                 for name, mode in impls:
-                    impl = "untiled" if name == "untiled" else "diffusers" if name.startswith("diffusers") else "ours"
+                    impl = {"untiled": "untiled", "diffusers untiled": "diffusers-untiled",
+                            "diffusers tiled": "diffusers"}.get(name, "ours")
                     out = os.path.join(tmp, f"{op}{size}{impl}{mode}.safetensors")
                     spec = {"op": op, "size": size, "impl": impl, "mode": mode or "exact", "tile": args.tile,
                             "dtype": args.dtype, "device": device, "runs": args.runs, "vae": args.vae, "out": out,
@@ -287,6 +293,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     t_ratio = f"{res['seconds'] / t_ref:.2f}×" if t_ref else "-"
                     f_ratio = "-" if ratio is None else f"{ratio:.2f}×"
                     cache = _fmt_mem(rep["cache_peak"]) if rep else "-"
+                    if rep.get("pinned_peak"):
+                        cache += f" ({_fmt_mem(rep['pinned_peak'])} pinned)"
                     print(f"| {op} | {size}² | {name} | {res['seconds']:.3f} | {t_ratio} | "
                           f"{_fmt_mem(res['peak_bytes'])} | {fid} | {f_ratio} | {rep.get('sweeps', '-')} | {shares} | "
                           f"{cache} |", flush=True)
@@ -309,9 +317,9 @@ def add_bench_parser(sub: Any) -> None:
 
 
 def device_arg(value: str) -> str:
-    """argparse type of ``--device``: a device that exists here (:func:`vae_core.memory.parse_device`)."""
+    """argparse type of ``--device``: a device that exists here (:func:`vae_core.devices.parse_device`)."""
+    from .devices import parse_device
     from .errors import VaeInputError
-    from .memory import parse_device
 
     try:
         return str(parse_device(value))

@@ -152,7 +152,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"latent channels {info.latent_channels}")
         print(f"scaling factor  {info.scaling_factor}  [{info.sources.get('scaling_factor')}]")
         print(f"shift factor    {info.shift_factor}  [{info.sources.get('shift_factor')}]")
-        print(f"stored dtype    {info.stored_dtype}")
+        print(f"stored dtype    {info.stored_dtype}" + (f"  [{info.sources['dtype']}]"
+                                                           if "dtype" in info.sources else ""))
         print(f"parameters      {info.parameters:,}")
         if isinstance(vae.model, WanImageVAE):
             print(f"network         Wan 2.1 design on single images: base width {cfg.base_dim} × {list(cfg.dim_mult)}, "

@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 import torch
 
 from .errors import VaeInputError, VaeLoadError
+from .families import MAX_ABS_SHIFT, SCALE_RANGE
 from .model import ModelConfig
 
 __all__ = ["Layout", "detect_layout", "extract_vae", "to_ldm", "diffusers_to_ldm", "ldm_to_diffusers", "infer_config",
@@ -119,6 +120,12 @@ _RESNET_D2L = {"conv_shortcut": "nin_shortcut"}
 #: Bounds checked before any module is built: SD-family VAEs have 4 levels of 2 blocks (decoder: one more).
 MAX_LEVELS = 8
 MAX_BLOCKS = 8
+#: Bounds on shapes, far beyond any real VAE (widths ≤ 1024, 3 image channels, ≤ 128 latent channels, 32 groups):
+#: anything larger is a broken or crafted file, refused naming the value.
+MAX_WIDTH = 8192
+MAX_IMAGE_CHANNELS = 16
+MAX_LATENT_CHANNELS = 1024
+MAX_NORM_GROUPS = 256
 _HUGE = 10**6
 
 
@@ -266,6 +273,12 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
                            "widths divisible by the group count (give a diffusers config.json with "
                            "norm_num_groups for unusual widths)")
     latent = embed if use_quant else z
+    for value, name, bound in ((max(all_widths), "channel width", MAX_WIDTH), (in_channels, "image input channels",
+                               MAX_IMAGE_CHANNELS), (out_channels, "image output channels", MAX_IMAGE_CHANNELS),
+                               (max(z, latent), "latent channels", MAX_LATENT_CHANNELS)):
+        if value > bound:
+            raise VaeLoadError(path, f"{name} {value}", f"at most {bound} (real VAEs: widths up to 1024, 3 image "
+                               "channels, up to 128 latent channels)")
     bn = [k for k in ("bn.running_mean", "bn.running_var") if k in sd]
     if len(bn) == 1:
         raise VaeLoadError(path, f"only {bn[0]!r} of Flux.2's latent BatchNorm statistics",
@@ -273,10 +286,25 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
     if bn and any(tuple(sd[k].shape) != (4 * latent,) for k in bn):
         raise VaeLoadError(path, f"latent BatchNorm statistics of shape {tuple(sd[bn[0]].shape)} for {latent} latent "
                            "channels", f"({4 * latent},): one per channel of the 2×2-patchified latents (Flux.2)")
+    if bn and not sd["bn.running_mean"].is_meta:  # values, where there are some (not a host's meta stand-ins)
+        _check_latent_statistics(sd["bn.running_mean"], sd["bn.running_var"], path)
     return ModelConfig(ch=ch, ch_mult=tuple(mult), num_res_blocks=num_res, z_channels=z, embed_dim=embed,
                        use_quant_conv=use_quant, in_channels=in_channels, out_channels=out_channels,
                        norm_groups=groups, decoder_ch=None if decoder_ch == ch else decoder_ch,
                        latent_bn=bool(bn))
+
+
+def _check_latent_statistics(mean: torch.Tensor, var: torch.Tensor, path: object) -> None:
+    """Flux.2's BatchNorm statistics must standardise latents into finite numbers: |mean| ≤ MAX_ABS_SHIFT and the
+    standard deviation √var within SCALE_RANGE, as for scalar factors."""
+    lo, hi = SCALE_RANGE
+    m, v = mean.detach().double(), var.detach().double()
+    bad_mean = (m.abs() > MAX_ABS_SHIFT).nonzero().flatten().tolist()
+    bad_var = ((v < lo * lo) | (v > hi * hi)).nonzero().flatten().tolist()
+    if bad_mean or bad_var:
+        i, key, t = (bad_var[0], "bn.running_var", v) if bad_var else (bad_mean[0], "bn.running_mean", m)
+        raise VaeLoadError(path, f"{key}[{i}] = {float(t[i]):.6g} ({len(bad_mean) + len(bad_var)} out of range)",
+                           f"latent means within ±{MAX_ABS_SHIFT:g} and variances from {lo * lo:g} to {hi * hi:g}")
 
 
 def diffusers_config(cfg: ModelConfig, scaling_factor: float, shift_factor: Optional[float]) -> dict:

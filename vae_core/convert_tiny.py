@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 import torch
 
 from .errors import VaeLoadError
+from .families import check_factor
 from .model_tiny import DECODER_POOL_BLOCKS, ENCODER_POOL_BLOCKS, POOL_GROUPS, POOL_WIDTH, WIDTH, TinyConfig
 
 __all__ = ["TINY_FAMILIES", "is_tiny", "tiny_to_canonical", "canonical_to_diffusers", "tiny_config", "merge_halves",
@@ -176,6 +177,13 @@ def merge_halves(encoder_sd: Mapping[str, torch.Tensor], decoder_sd: Mapping[str
     return out
 
 
+def _scalar(sd: Mapping[str, torch.Tensor], key: str, path: object) -> float:
+    t = sd[key]
+    if t.numel() != 1:
+        raise VaeLoadError(path, f"{key} of shape {tuple(t.shape)}", "a single number (the latent scaling)")
+    return float(t.reshape(-1)[0].float())
+
+
 def tiny_family(latent_channels: int, sd: Mapping[str, torch.Tensor], family: Optional[str] = None,
                 name_hint: str = "", pool: bool = False) -> tuple[str, float, float, str]:
     """``(family, vae_scale, vae_shift, source)``: from an explicit ``family``, the file's own ``vae_scale``/
@@ -188,8 +196,10 @@ def tiny_family(latent_channels: int, sd: Mapping[str, torch.Tensor], family: Op
                                f"one of {known}")
         return family, TINY_FAMILIES[family][1], TINY_FAMILIES[family][2], "argument"
     if "vae_scale" in sd:
-        scale = float(sd["vae_scale"])
-        shift = float(sd["vae_shift"]) if "vae_shift" in sd else 0.0
+        where = name_hint or "TAESD"
+        scale = check_factor(_scalar(sd, "vae_scale", where), "vae_scale", "the file", positive=True, path=where)
+        shift = check_factor(_scalar(sd, "vae_shift", where), "vae_shift", "the file", positive=False,
+                             path=where) if "vae_shift" in sd else 0.0
         for name, (ch, s, h) in TINY_FAMILIES.items():
             if ch == latent_channels and pool == (name == "taef2") and abs(s - scale) < 1e-6 and abs(h - shift) < 1e-6:
                 return name, scale, shift, "vae_scale/vae_shift in the file"

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import torch
 
+from .convert import MAX_IMAGE_CHANNELS, MAX_LATENT_CHANNELS, MAX_WIDTH
 from .errors import VaeLoadError
 from .model_wan import WanConfig
 
@@ -164,5 +165,11 @@ def wan_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>") ->
         raise VaeLoadError(path, f"encoder widths {widths} for base width {base} and {levels} levels",
                            "multiples of the base width, num_res_blocks per level")
     temporal = tuple(f"encoder.downsamples.{i}.time_conv.weight" in sd for i in resamplers)
+    cout = _shape(sd, "decoder.head.2.weight", path)[0]
+    for value, name, bound in ((max(widths), "channel width", MAX_WIDTH), (max(cin, cout), "image channels",
+                               MAX_IMAGE_CHANNELS), (z2 // 2, "latent channels", MAX_LATENT_CHANNELS)):
+        if value > bound:
+            raise VaeLoadError(path, f"{name} {value}", f"at most {bound} (Wan-design VAEs: widths up to 384, 3 image "
+                               "channels, 16 or 48 latent channels)")
     return WanConfig(base_dim=base, z_dim=z2 // 2, dim_mult=mult, num_res_blocks=num_res, in_channels=cin,
-                     out_channels=_shape(sd, "decoder.head.2.weight", path)[0]), temporal
+                     out_channels=cout), temporal

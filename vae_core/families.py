@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Optional
 
 from .errors import VaeInputError, VaeLoadError
 
-__all__ = ["FAMILIES", "Family", "resolve_family", "check_factor"]
+__all__ = ["FAMILIES", "Family", "resolve_family", "check_factor", "check_factors", "SCALE_RANGE", "MAX_ABS_SHIFT"]
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,17 @@ def _from_name(path: Optional[Path], channels: int) -> Optional[str]:
     return None
 
 
+#: Bounds on latent scaling factors (and per-channel standard deviations) and on shifts (and per-channel means).
+#: Real VAEs use 0.1–3.5 and |shift| < 2; values far outside would turn scaled latents into inf or 0 (a 1e300 scale,
+#: a 1e-300 std), so they are refused rather than run.
+SCALE_RANGE = (1e-4, 1e4)
+MAX_ABS_SHIFT = 1e4
+
+
 def check_factor(value: object, name: str, source: str, *, positive: bool, path: Optional[object] = None
                  ) -> Optional[float]:
-    """Validate a scaling (``positive=True``: finite and > 0) or shift (finite) factor; None and "" mean absent.
+    """Validate a scaling (``positive=True``: finite, in :data:`SCALE_RANGE`) or shift (finite, at most
+    :data:`MAX_ABS_SHIFT` in magnitude) factor; None and "" mean absent.
 
     Args:
         value: the number (or numeric string, as safetensors metadata stores it).
@@ -87,7 +95,9 @@ def check_factor(value: object, name: str, source: str, *, positive: bool, path:
     """
     if value is None or value == "":
         return None
-    expected = "a finite number > 0" if positive else "a finite number"
+    lo, hi = SCALE_RANGE
+    expected = (f"a finite number from {lo:g} to {hi:g} (beyond that, scaled latents overflow or vanish)" if positive
+                else f"a finite number from {-MAX_ABS_SHIFT:g} to {MAX_ABS_SHIFT:g}")
     try:
         if isinstance(value, bool):
             raise TypeError("a boolean")
@@ -96,13 +106,30 @@ def check_factor(value: object, name: str, source: str, *, positive: bool, path:
         number = math.nan
         ok = False
     else:
-        ok = math.isfinite(number) and (number > 0 or not positive)
+        ok = math.isfinite(number) and (lo <= number <= hi if positive else abs(number) <= MAX_ABS_SHIFT)
     if ok:
         return number
     found = f"{name} {value!r} from {source}"
     if path is not None:
         raise VaeLoadError(path, found, f"{name} to be {expected}")
     raise VaeInputError(f"{found}: expected {expected}")
+
+
+def check_factors(values: object, name: str, source: str, *, positive: bool, count: int, path: object) -> tuple:
+    """A list of ``count`` per-channel factors (Qwen-Image's ``latents_std``: ``positive``; ``latents_mean``), each
+    as :func:`check_factor` wants it.
+
+    Raises:
+        VaeLoadError: not a list of ``count`` numbers, or a value out of range, naming it and its index.
+    """
+    if not isinstance(values, (list, tuple)) or len(values) != count:
+        raise VaeLoadError(path, f"{name} {str(values)[:80]} from {source}", f"a list of {count} numbers, one per "
+                           "latent channel")
+    out = tuple(check_factor(v, f"{name}[{i}]", source, positive=positive, path=path) for i, v in enumerate(values))
+    if None in out:
+        i = out.index(None)
+        raise VaeLoadError(path, f"{name}[{i}] {values[i]!r} from {source}", "a number")
+    return out
 
 
 def resolve_family(latent_channels: int, *, family: Optional[str] = None, scaling_factor: Optional[float] = None,

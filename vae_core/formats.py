@@ -72,12 +72,24 @@ def is_weight_file(path: os.PathLike | str) -> bool:
     return Path(path).suffix.lower() in WEIGHT_SUFFIXES
 
 
+#: How a legacy (pre-zip) torch.save file starts when written with pickle protocol 0 or 1: its magic number as a
+#: text LONG opcode. torch's weights-only unpickler implements protocol 2+ opcodes only.
+TORCH_LEGACY_TEXT_MAGIC = b"L119547037146038801333356L"
+
+
 def _sniff(path: Path) -> str:
     size = path.stat().st_size
     if size == 0:
         raise VaeLoadError(path, "the file is empty (0 bytes)", "a .safetensors, .ckpt, .pt, .pth or .bin VAE")
     with open(path, "rb") as fh:
-        head = fh.read(8)
+        start = fh.read(len(TORCH_LEGACY_TEXT_MAGIC))
+    if start == TORCH_LEGACY_TEXT_MAGIC:
+        raise VaeLoadError(path, "a legacy torch checkpoint pickled with protocol 0 or 1 (torch.save before the zip "
+                           "format, with pickle_protocol < 2), which weights-only loading cannot read (nothing in it "
+                           "was run)", "a .safetensors file or a current torch checkpoint (re-save it once as "
+                           ".safetensors, only if you trust where it came from: loading it unrestricted runs its "
+                           "pickle)")
+    head = start[:8]
     n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
     # safetensors first: a header length whose low byte is 0x80 (e.g. 10880 bytes) starts like a pickle
     if 2 <= n <= min(_MAX_HEADER, size - 8):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import VaeInputError
-from .safe_paths import atomic_write
+from .atomic import atomic_write, save_safetensors
 
 __all__ = ["load_image", "save_image", "psnr", "snr", "save_latent", "load_latent", "bundled_fixture",
            "image_format", "check_latent_output", "latent_metadata", "FLOAT_RANGE_TOLERANCE"]
@@ -177,13 +177,10 @@ def snr(ref: torch.Tensor, test: torch.Tensor) -> float:
 def save_latent(z: torch.Tensor, path: PathLike, metadata: Optional[dict[str, str]] = None) -> Path:
     """Raw latents ``[B, C, h, w]`` → ``.safetensors`` (key ``latent``, float32, ``metadata`` as given), written
     atomically (temp file in the same folder, fsync, rename; nothing is left when it fails)."""
-    from safetensors.torch import save_file
-
     check_latent_output(path)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"latent": z.detach().float().cpu().contiguous()}
-    return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {}))
+    return save_safetensors(out, {"latent": z.detach().float().cpu().contiguous()}, metadata or {})
 
 
 def latent_metadata(path: PathLike) -> dict[str, str]:

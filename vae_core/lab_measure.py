@@ -13,11 +13,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .precision import bf16_supported
 from .tiling import TileReport
 from .vae import Vae
 
-__all__ = ["measured", "roundtrip", "fp16_snapshot", "dtype_name"]
+__all__ = ["measured", "roundtrip", "dtype_name"]
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -58,37 +57,23 @@ def measured(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, O
     return out, seconds, peak
 
 
-def fp16_snapshot(vae: Vae) -> Optional[dict[str, torch.Tensor]]:
-    """A CPU copy of an fp16 VAE's weights where the NaN guard may retry in bf16 (CUDA with bf16), for
-    :func:`roundtrip` to put back; None where no retry can round them (then nothing is kept)."""
-    if vae.dtype != torch.float16 or not bf16_supported(vae.device):
-        return None
-    return {k: v.detach().to("cpu", copy=True) for k, v in vae.model.state_dict().items()}
-
-
 def roundtrip(vae: Vae, x: torch.Tensor, tile: Optional[int], mode: str = "exact", cache_bytes: Any = "auto",
-              report: Optional[TileReport] = None, kept: Optional[dict[str, torch.Tensor]] = None
-              ) -> tuple[torch.Tensor, str]:
+              report: Optional[TileReport] = None) -> tuple[torch.Tensor, str]:
     """Encode then decode ``x`` (``[B, 3, H, W]`` in [-1, 1]) → (images ``[B, 3, H, W]`` float32 about [-1, 1],
     the dtypes the NaN guard really used, e.g. ``"fp16"`` or ``"fp16 encode, fp32 decode"``).
 
     Each call is tried in the VAE's own dtype: the guard's remembered fallback is set aside for the call and put
-    back afterwards, and after a fallback (or a failure) the VAE is cast back to its dtype. A bf16 retry of an fp16
-    VAE would leave bf16-rounded weights behind, so then the weights are put back from ``kept``
-    (:func:`fp16_snapshot`; made here when not given — pass one made beforehand to keep the copy out of a timed
-    call)."""
+    back afterwards, and after a fallback (or a failure) the VAE is cast back to its dtype, from the weights as
+    loaded (the guard keeps them before a rounding retry such as fp16 → bf16: :class:`~vae_core.precision.GuardState`),
+    so the next call sees exactly the same weights."""
     dtype, remembered = vae.dtype, vae.guard.working_dtype
-    if kept is None:
-        kept = fp16_snapshot(vae)
     used = []
     kw = dict(tile=tile, mode=mode, cache_bytes=cache_bytes, report=report)
     out = x
 
     def restore() -> None:
         if vae.dtype != dtype:  # the guard re-ran a call in a wider dtype
-            vae.model.to(dtype=dtype)
-            if kept is not None:
-                vae.model.load_state_dict(kept)
+            vae.guard.cast(vae.model, dtype)
 
     try:
         for op in ("encode", "decode"):

@@ -12,10 +12,10 @@ from typing import Optional, Union
 
 import torch
 
-from .atomic import atomic_write, same_file
-from .convert import diffusers_config, infer_config, ldm_to_diffusers, nest_flux2, to_ldm
+from .atomic import atomic_write, same_file, save_safetensors
+from .convert import MAX_NORM_GROUPS, diffusers_config, infer_config, ldm_to_diffusers, nest_flux2, to_ldm
 from .errors import VaeInputError, VaeLoadError
-from .families import check_factor, resolve_family
+from .families import check_factor, check_factors, resolve_family
 from .formats import DIFFUSERS_NAMES, RawWeights, check_tensor_kinds, read_index, read_weights
 from .convert_wan import canonical_to_diffusers as wan_to_diffusers
 from .convert_wan import is_wan, wan_config, wan_to_canonical
@@ -29,6 +29,19 @@ from .vae import Vae, VaeInfo
 __all__ = ["load_vae", "save_vae", "ldm_state_dict_from_file", "vae_from_state_dict", "parse_dtype", "check_tensors"]
 
 log = logging.getLogger(__name__)
+
+#: float8 dtypes (weights stored in fp8 to halve files); torch has no isfinite for them, so they are checked (and run)
+#: upcast: every float8 value is exact in float16 and float32.
+FLOAT8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+               if hasattr(torch, name))
+
+
+def weights_note(sd: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``info.sources`` entries about how stored tensors are run: float8 weights are upcast (exactly) on load."""
+    f8 = sorted({str(v.dtype).replace("torch.", "") for v in sd.values() if v.dtype in FLOAT8})
+    return {"dtype": f"{'/'.join(f8)} tensors upcast to float32 on load (every float8 value is exact there); "
+                       "run in the precision asked for"} if f8 else {}
+
 
 def check_tensors(sd: dict[str, torch.Tensor], path: object) -> None:
     """Refuse weights that would load wrong or blow up later, naming the tensors (first few).
@@ -50,7 +63,7 @@ def check_tensors(sd: dict[str, torch.Tensor], path: object) -> None:
     non_float = [f"{k} ({v.dtype})" for k, v in sd.items() if not v.is_floating_point()]
     if non_float:
         fail("non-float tensors", non_float, "floating-point weights")
-    bad = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in sd.items() if not bool(torch.isfinite(v.half() if v.dtype in FLOAT8 else v).all())]
     if bad:
         fail("NaN/inf values", bad, "finite weights (the file is corrupt or was saved from a diverged model)")
 
@@ -72,11 +85,17 @@ def _check_config(raw: RawWeights) -> dict:
         raise VaeLoadError(where, "mid_block_add_attention false", "a mid block with attention (SD-family VAE)")
     out: dict = {}
     groups = cfg.get("norm_num_groups")
-    if isinstance(groups, int) and not isinstance(groups, bool) and 0 < groups <= 1024:
+    if groups is not None:
+        if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= MAX_NORM_GROUPS:
+            raise VaeLoadError(where, f"norm_num_groups {groups!r}", f"an integer from 1 to {MAX_NORM_GROUPS} "
+                               "(SD-family VAEs use 32)")
         out["norm_groups"] = groups
     eps = cfg.get("batch_norm_eps")
     if eps is not None:
-        out["bn_eps"] = check_factor(eps, "batch_norm_eps", "config.json", positive=True, path=where)
+        value = check_factor(eps, "batch_norm_eps", "config.json", positive=True, path=where)
+        if value is not None and value > 1.0:
+            raise VaeLoadError(where, f"batch_norm_eps {eps!r}", "a small positive number (Flux.2 uses 1e-4)")
+        out["bn_eps"] = value
     return out
 
 
@@ -134,7 +153,7 @@ def _assemble(sd: dict[str, torch.Tensor], *, where: object, path: object, conta
     info = VaeInfo(path=str(path), container=container, layout=layout, prefix=prefix, family=fam,
                    latent_channels=cfg.latent_channels, scaling_factor=scale, shift_factor=shift,
                    stored_dtype="/".join(sorted(stored)), parameters=count_parameters(model), config=cfg,
-                   sources=sources, weights_file=weights_file)
+                   sources=sources | weights_note(sd), weights_file=weights_file)
     log.info("loaded %s: %s VAE from %s (%s layout%s), %d latent channels", path, fam, container, layout,
              f", prefix {prefix!r}" if prefix else "", cfg.latent_channels)
     return Vae(model, info)
@@ -230,7 +249,7 @@ def _load_tiny(raw: RawWeights, path: Union[str, os.PathLike], family: Optional[
                    latent_channels=cfg.latent_channels, scaling_factor=scale, shift_factor=shift or None,
                    stored_dtype="/".join(sorted(stored)),
                    parameters=count_parameters(model), config=cfg,
-                   sources={"family": src, "scaling_factor": src, "shift_factor": src, **sources},
+                   sources={"family": src, "scaling_factor": src, "shift_factor": src, **sources, **weights_note(sd)},
                    weights_file=str(where))
     log.info("loaded %s: tiny autoencoder %s (%s layout), %d latent channels", path, fam, layout, cfg.latent_channels)
     return Vae(model, info)
@@ -248,12 +267,9 @@ def _latent_stats(raw: RawWeights, z: int) -> tuple[Optional[tuple], Optional[tu
     mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
     where = raw.weights_file.parent / "config.json"
     if mean is not None or std is not None:
-        ok = all(isinstance(v, list) and len(v) == z and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                             and math.isfinite(x) for x in v) for v in (mean, std))
-        if not ok or any(x <= 0 for x in std):
-            raise VaeLoadError(where, f"latents_mean/latents_std {str(mean)[:60]} / {str(std)[:60]}",
-                               f"two lists of {z} finite numbers, the std ones > 0")
-        return tuple(mean), tuple(std), "config.json"
+        mean = check_factors(mean, "latents_mean", "config.json", positive=False, count=z, path=where)
+        std = check_factors(std, "latents_std", "config.json", positive=True, count=z, path=where)
+        return mean, std, "config.json"
     if z == len(QWEN_LATENTS_MEAN):
         return QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, "Qwen-Image's defaults (16 channels)"
     return None, None, f"none known for {z} channels"
@@ -291,7 +307,8 @@ def _load_wan(raw: RawWeights, path: Union[str, os.PathLike], family: Optional[s
                    family="qwen-image", latent_channels=cfg.z_dim, scaling_factor=1.0, shift_factor=None,
                    stored_dtype="/".join(sorted(stored)), parameters=count_parameters(model), config=cfg,
                    sources={"family": "keys (Wan 2.1 design)", "scaling_factor": f"per-channel statistics: {src}",
-                            "shift_factor": f"per-channel statistics: {src}"}, weights_file=str(where))
+                            "shift_factor": f"per-channel statistics: {src}", **weights_note(sd)},
+                   weights_file=str(where))
     log.info("loaded %s: Qwen-Image / Wan 2.1-design VAE (%s layout), %d latent channels", path, layout, cfg.z_dim)
     return Vae(model, info)
 
@@ -358,8 +375,6 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
         VaeInputError (a ValueError): unknown layout/dtype, non-finite or non-positive scaling factor, non-finite
             shift factor, or a target that is the file/folder the VAE was loaded from.
     """
-    from safetensors.torch import save_file
-
     if layout not in ("ldm", "diffusers"):
         raise VaeInputError(f"layout={layout!r}: unknown; expected 'ldm' or 'diffusers'")
     target = parse_dtype(dtype, allow_auto=False)
@@ -368,6 +383,11 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
     shift = check_factor(info.shift_factor, "shift_factor", "vae.info.shift_factor", positive=False)
     out = Path(path)
     as_folder = layout == "diffusers" and out.suffix.lower() not in (".safetensors", ".sft")
+    if not as_folder and out.is_dir():
+        raise VaeInputError(f"{out}: is a folder; expected a file path for a {layout} .safetensors file "
+                            "(layout='diffusers' with a path without .safetensors writes a diffusers folder)")
+    if as_folder and out.exists() and not out.is_dir():
+        raise VaeInputError(f"{out}: is an existing file; expected a folder (or a new path) for a diffusers folder")
     weights = out / "diffusion_pytorch_model.safetensors" if as_folder else out
     _refuse_own_input(vae, [weights] + ([out / "config.json"] if as_folder else []), out if as_folder else None)
 
@@ -409,10 +429,10 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
             config = diffusers_config(m.config, scale, shift)
         cfg_text = json.dumps(config, indent=2, allow_nan=False)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(weights, lambda tmp: save_file(sd, str(tmp), metadata=meta))
+        save_safetensors(weights, sd, meta)
         atomic_write(out / "config.json", lambda tmp: tmp.write_text(cfg_text, encoding="utf-8"))
         _remove_stale_weights(out, weights)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: save_file(sd, str(tmp), metadata=meta))
+    save_safetensors(out, sd, meta)
     return out

@@ -39,10 +39,30 @@ ATTENTION_HOOK: contextvars.ContextVar[Optional[Callable[[int, int], object]]] =
 #: INFO, since on a CPU it can run for minutes to hours.
 ATTENTION_LOG_FLOPS = 1e12
 
-#: Upper bound, in bytes, of one chunk of attention scores (fp32), per device type. Queries are processed in chunks
-#: so that the score matrix of a large image never materialises whole; the bound keeps peak memory independent of
-#: the image size (CPU: 64 MiB; CUDA: 512 MiB, where larger matmuls run faster).
+#: Upper bound, in bytes, of one chunk of attention scores (fp32) where PyTorch's *math* kernel runs (it
+#: materialises the scores), per device type. Queries are processed in chunks so that the score matrix of a large
+#: image never materialises whole; the bound keeps peak memory independent of the image size (CPU: 64 MiB; CUDA:
+#: 512 MiB, where larger matmuls run faster).
 ATTENTION_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+
+#: Where a fused kernel runs (flash / memory-efficient / cuDNN: scores never materialise, memory is O(N)), queries
+#: are chunked only so that cancel checks come between chunks: about this many FLOPs per chunk, per device type
+#: (CPU: ~0.5 s on a 2-core machine); None = one call (a GPU runs even an 8K image's attention in seconds).
+ATTENTION_CHUNK_FLOPS: dict[str, Optional[float]] = {"cpu": 5e10, "cuda": None}
+
+#: ``torch._fused_sdp_choice`` results (``torch.nn.attention.SDPBackend``) of the kernels that never materialise the
+#: score matrix: flash, memory-efficient, cuDNN.
+_FUSED_BACKENDS = frozenset({1, 2, 3})
+
+
+def sdpa_is_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` on these ``[B, heads, N, C]`` tensors picks a fused kernel (flash,
+    memory-efficient or cuDNN) rather than the math kernel that materialises the scores (asked of PyTorch's own
+    dispatcher; False when it cannot say, e.g. on the meta device)."""
+    try:
+        return int(torch._fused_sdp_choice(q, k, v)) in _FUSED_BACKENDS
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -126,34 +146,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_bytes: Op
     """Single-head softmax attention over tokens, computed in query chunks.
 
     Args:
-        q, k, v: ``[B, N, C]`` tensors of one dtype.
-        chunk_bytes: bound on the fp32 score block ``[B, n_chunk, N]`` materialised at once (default: per device).
+        q, k, v: ``[B, N, C]`` tensors of one dtype (run as ``[B, 1, N, C]``: the layout PyTorch's fused kernels take;
+            ``[B, N, C]`` falls back to the slow math kernel).
+        chunk_bytes: bound on the fp32 score block ``[B, n_chunk, N]`` per chunk. Default: per device where the math
+            kernel runs (:data:`ATTENTION_CHUNK_BYTES`); where a fused kernel runs the scores never materialise and
+            chunks only bound the work between cancel checks (:data:`ATTENTION_CHUNK_FLOPS`).
     Returns:
-        ``[B, N, C]``, ``softmax(q kᵀ / √C) v``. Memory beyond q/k/v is O(chunk · N), not O(N²).
+        ``[B, N, C]``, ``softmax(q kᵀ / √C) v``. Memory beyond q/k/v is O(chunk · N) at most, not O(N²).
 
     :data:`ATTENTION_HOOK`, when set, is called after every query chunk (``hook(done, total)``; one call when the
-    whole score matrix fits one chunk); an exception raised by it stops the loop. Calls estimated above
+    whole call is one chunk); an exception raised by it stops the loop. Calls estimated above
     :data:`ATTENTION_LOG_FLOPS` are logged at INFO with N and the estimate.
     """
     b, n, c = q.shape
-    if chunk_bytes is None:
-        chunk_bytes = ATTENTION_CHUNK_BYTES.get(q.device.type, ATTENTION_CHUNK_BYTES["cpu"])
-    per_query = max(1, b * k.shape[1] * 4)
-    step = max(1, min(n, chunk_bytes // per_query))
+    q4, k4, v4 = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     flops = 4.0 * b * n * k.shape[1] * max(c, v.shape[-1])
+    if chunk_bytes is not None or not sdpa_is_fused(q4, k4, v4):
+        if chunk_bytes is None:
+            chunk_bytes = ATTENTION_CHUNK_BYTES.get(q.device.type, ATTENTION_CHUNK_BYTES["cpu"])
+        step = max(1, min(n, chunk_bytes // max(1, b * k.shape[1] * 4)))
+    else:
+        budget = ATTENTION_CHUNK_FLOPS.get(q.device.type, ATTENTION_CHUNK_FLOPS["cpu"])
+        step = n if budget is None else max(1, min(n, int(n * budget / max(flops, 1.0))))
     if flops > ATTENTION_LOG_FLOPS:
         log.info("attention over N=%d tokens (batch %d, %d channels): about %.3g FLOPs in %d query chunks; this "
                  "can take long on a CPU (tile the call to bound it)", n, b, c, flops, -(-n // step))
     hook = ATTENTION_HOOK.get()
     if step >= n:
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q4, k4, v4).squeeze(1)
         if hook is not None:
             hook(1, 1)
         return out
     total = -(-n // step)
-    out = torch.empty_like(q if v.shape[-1] == q.shape[-1] else q.new_empty(b, n, v.shape[-1]))
+    out = q.new_empty(b, n, v.shape[-1])
     for i, start in enumerate(range(0, n, step)):
-        out[:, start : start + step] = F.scaled_dot_product_attention(q[:, start : start + step], k, v)
+        out[:, start : start + step] = F.scaled_dot_product_attention(q4[:, :, start : start + step], k4, v4)[:, 0]
         if hook is not None:
             hook(i + 1, total)
     return out
@@ -173,7 +200,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        tokens = lambda t: t.reshape(b, c, h * w).transpose(1, 2)  # noqa: E731  [B, HW, C]
+        # [B, HW, C], contiguous: PyTorch picks its fused (flash) kernels only for a unit stride along C
+        tokens = lambda t: t.reshape(b, c, h * w).transpose(1, 2).contiguous()  # noqa: E731
         out = attention(tokens(self.q(hn)), tokens(self.k(hn)), tokens(self.v(hn)))
         out = out.transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)

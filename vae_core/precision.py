@@ -22,6 +22,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from .devices import bf16_native
 from .errors import NonFiniteOutputError, VaeInputError
 from .model import AttnBlock, AutoencoderKL, Downsample, GroupNorm, ResnetBlock, Upsample
 
@@ -209,13 +210,9 @@ def fp16_fix_model(model: AutoencoderKL, sample: Optional[torch.Tensor] = None, 
 # ----------------------------------------------------------------------------------------------------------------
 
 def bf16_supported(device: torch.device) -> bool:
-    """bf16 counts as supported on CUDA devices that run it natively (compute capability ≥ 8), not on CPU."""
-    if device.type != "cuda":
-        return False
-    try:
-        return bool(torch.cuda.is_bf16_supported())
-    except (RuntimeError, AssertionError):
-        return False
+    """bf16 counts as supported where ``device`` runs it natively (:func:`vae_core.devices.bf16_native`: NVIDIA
+    compute capability ≥ 8.0 or AMD CDNA2/RDNA3 and later, judged for that device), never emulated, never on CPU."""
+    return bf16_native(device)
 
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
@@ -276,20 +273,57 @@ def resolve_dtype(policy: Union[str, torch.dtype], device: torch.device) -> tupl
     return torch.float32, False
 
 
+def _rounds(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether casting ``src`` values to ``dst`` can change them (fp16 → bf16, fp32 → fp16, ...; not → fp32)."""
+    if src == dst:
+        return False
+    return not (dst in (torch.float32, torch.float64) and torch.finfo(dst).bits >= torch.finfo(src).bits)
+
+
 @dataclass
 class GuardState:
-    """Per-model memory of the NaN guard: whether it already logged, and the dtype that worked."""
+    """Per-model memory of the NaN guard: whether it already logged, the dtype that worked, and ``pristine``: a CPU
+    copy of the floating-point weights as they were before the guard's first rounding cast (taken only then, e.g.
+    before an fp16 → bf16 retry), so every retry and every later cast starts from the weights the user loaded."""
 
     warned: bool = False
     working_dtype: Optional[torch.dtype] = None
+    pristine: Optional[dict[str, torch.Tensor]] = None
+
+    def cast(self, module: nn.Module, dtype: torch.dtype, keep: bool = True) -> None:
+        """Cast ``module``'s floating-point parameters and buffers to ``dtype``: from :attr:`pristine` when it exists
+        (taken first when this cast would round the current values and ``keep``: a retry's cast; a cast the user asks
+        for keeps nothing), else in place as ``module.to`` does."""
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        current = next((t.dtype for t in tensors.values() if t.is_floating_point()), dtype)
+        if keep and self.pristine is None and _rounds(current, dtype):
+            self.keep_weights(module)
+        if self.pristine is None:
+            module.to(dtype=dtype)
+            return
+        with torch.no_grad():
+            for key, t in tensors.items():
+                if key in self.pristine:
+                    t.data = self.pristine[key].to(device=t.device, dtype=dtype)
+
+    def keep_weights(self, module: nn.Module) -> None:
+        """Take :attr:`pristine` now (e.g. outside a timed call) from ``module``'s current weights."""
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        self.pristine = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items() if t.is_floating_point()}
+
+    def forget_weights(self) -> None:
+        """Drop :attr:`pristine` (the weights it copied were replaced, e.g. a host module re-attached)."""
+        self.pristine = None
 
 
 def guarded(run: Callable[[torch.dtype], torch.Tensor], dtype: torch.dtype, device: torch.device,
             state: GuardState, what: str, describe_input: Callable[[], str]) -> tuple[torch.Tensor, torch.dtype]:
-    """Run ``run(dtype)``; if any output element is non-finite, retry in bf16 (when supported) then fp32.
+    """Run ``run(dtype)``; if any output element is non-finite, retry in bf16 (when native) then fp32.
 
-    Returns ``(output, dtype_that_worked)``. Raises NonFiniteOutputError when fp32 fails too (the input is the
-    cause). Logs one warning per model (``state``).
+    ``run`` casts its model to the dtype it is given with :meth:`GuardState.cast` (so a retry starts from the weights
+    the user loaded, never from the rounded weights of an earlier retry). Returns ``(output, dtype_that_worked)``.
+    Raises NonFiniteOutputError when fp32 fails too (the input is the cause). Logs one warning per model
+    (``state``).
     """
     out = run(dtype)
     if bool(torch.isfinite(out).all()):

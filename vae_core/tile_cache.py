@@ -5,7 +5,9 @@ statistics the whole image must supply first. Keeping it lets the tile resume th
 the tile recomputes from its last kept checkpoint (at worst from the stage input), which is exact but slower.
 
 Tiers: on CUDA the device tier fills first, then pinned host memory (copies are ``non_blocking`` and ordered on the
-current stream); on CPU there is one tier. ``cache_bytes`` (an int, in bytes) bounds the total; ``"auto"`` (or
+current stream); on CPU there is one tier. PyTorch's caching host allocator keeps freed pinned blocks for reuse,
+outside any host's memory accounting, so :meth:`CheckpointStore.close` (called when the tiled call ends, failed or
+not) hands its cached pinned blocks back (:func:`release_pinned_cache`). ``cache_bytes`` (an int, in bytes) bounds the total; ``"auto"`` (or
 None) takes a share of free memory: 40 % of ``MemAvailable`` on CPU; on CUDA a quarter of free device memory plus
 40 % of free host memory.
 """
@@ -19,7 +21,7 @@ import torch
 from .errors import VaeInputError
 from .memory import free_memory
 
-__all__ = ["CacheArg", "resolve_budget", "CheckpointStore", "nbytes"]
+__all__ = ["CacheArg", "resolve_budget", "CheckpointStore", "nbytes", "release_pinned_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,22 @@ def resolve_budget(cache_bytes: CacheArg, device: torch.device) -> tuple[int, in
     return cache_bytes, 0
 
 
+def release_pinned_cache() -> bool:
+    """Return PyTorch's cached (unused) pinned host blocks to the system; blocks in use stay. False where this torch
+    has no way to (then nothing happens)."""
+    accelerator = getattr(torch, "accelerator", None)
+    fn = getattr(accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if fn is None:
+        return False
+    fn()
+    return True
+
+
+def _pinned_like(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host tensor of ``t``'s shape and dtype, filled from ``t`` (asynchronously, on the current stream)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
 def _own(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself if it owns its storage, else a compact copy (a view would keep a larger tensor alive)."""
     if t.device.type != "meta" and t.untyped_storage().nbytes() > t.numel() * t.element_size():
@@ -70,6 +88,7 @@ class CheckpointStore:
         self.budget = {"device": device_budget, "host": host_budget if device.type == "cuda" else 0}
         self.used = {"device": 0, "host": 0}
         self.peak = 0
+        self.pinned_peak = 0
         self.entries: dict[int, tuple[int, dict[str, torch.Tensor], str]] = {}
 
     @property
@@ -129,18 +148,23 @@ class CheckpointStore:
             if self.used[tier] - freed[tier] + size <= self.budget[tier]:
                 self.drop(tile)
                 if tier == "host":
-                    kept = {}
-                    for r, t in state.items():
-                        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                        kept[r] = pinned.copy_(t, non_blocking=True)
+                    kept = {r: _pinned_like(t) for r, t in state.items()}
                 else:
                     kept = {r: _own(t) for r, t in state.items()}
                 self.entries[tile] = (k, kept, tier)
                 self.used[tier] += size
                 self._note_peak()
+                self.pinned_peak = max(self.pinned_peak, self.used["host"])
                 return True
         return False
 
     def clear(self) -> None:
         self.entries.clear()
         self.used = {"device": 0, "host": 0}
+
+    def close(self) -> None:
+        """End of the call: drop every checkpoint and, if any went to pinned host memory, hand PyTorch's cached
+        pinned blocks back (they would otherwise outlive the call, unaccounted for by the host)."""
+        self.clear()
+        if self.pinned_peak:
+            release_pinned_cache()

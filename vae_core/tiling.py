@@ -62,7 +62,8 @@ class TileReport:
 
     ``flops_*`` count the convs of the tiled stages (2 per multiply-add): ``flops_useful`` is what an untiled run of
     those stages computes, ``flops_halo`` the extra of first runs over halos, ``flops_recompute`` repeated runs
-    from an older checkpoint.
+    from an older checkpoint. ``cache_peak`` is the most checkpoint bytes held at once, ``pinned_peak`` the part of
+    it in pinned host memory (CUDA), handed back to the system when the call ends.
     """
 
     schedule: str = ""
@@ -75,6 +76,7 @@ class TileReport:
     flops_recompute: int = 0
     cache_budget: int = 0
     cache_peak: int = 0
+    pinned_peak: int = 0
 
     @property
     def flops_total(self) -> int:
@@ -379,12 +381,16 @@ def _tiled(stages: list[list[Segment]], items: list[Callable[[], torch.Tensor]],
     run = _Run(opts, rep, per_item * len(items))
     log.debug("tiled: %s, %d tiles, %d groups, cache budget %d bytes", schedule, rep.tiles, len(groups),
               store.total_budget)
-    for i, item in enumerate(items):
-        stats = _proxy_stats(stages, proxies[i](), factor) if proxies is not None else {}
-        rep.sweeps += sum(len(_sweeps(g, stats)) + 1 for g in groups)
-        _run_plan(groups, item(), out[i:i + 1], stats, store, run)
-        store.clear()
-    rep.cache_peak = max(rep.cache_peak, store.peak)
+    try:
+        for i, item in enumerate(items):
+            stats = _proxy_stats(stages, proxies[i](), factor) if proxies is not None else {}
+            rep.sweeps += sum(len(_sweeps(g, stats)) + 1 for g in groups)
+            _run_plan(groups, item(), out[i:i + 1], stats, store, run)
+            store.clear()
+    finally:
+        store.close()  # failed or cancelled calls too: no pinned block outlives the call
+        rep.cache_peak = max(rep.cache_peak, store.peak)
+        rep.pinned_peak = max(rep.pinned_peak, store.pinned_peak)
 
 
 def decoder_forward_tiled(model: AutoencoderKL, h: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
@@ -471,6 +477,7 @@ def _free_after_oom(device: torch.device) -> None:
 def _run(kind: str, model: AutoencoderKL, t: torch.Tensor, opts: TileOptions, pixels: tuple[int, int],
          untiled: Callable[[torch.Tensor], torch.Tensor],
          tiled: Callable[[AutoencoderKL, torch.Tensor, int, TileOptions], torch.Tensor]) -> torch.Tensor:
+    _check_mode(opts)  # on every path, tiled or not: a wrong mode is a caller's bug whether or not it tiles
     tile = opts.tile
     if isinstance(tile, str):
         if tile != "auto":

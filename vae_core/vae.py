@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import tiling
+from .devices import check_available
 from .errors import VaeInputError
 from .model import AutoencoderKL, ModelConfig
 from .precision import DTYPE_NAMES, GuardState, fp16_fix_model, guarded, resolve_dtype
@@ -126,6 +127,7 @@ class Vae:
             except (RuntimeError, TypeError, ValueError) as exc:
                 raise VaeInputError(f"Vae.to: device {device!r} is not a device ({exc}); expected e.g. 'cpu', "
                                     f"'cuda:0', a torch.device, or a dtype among {', '.join(DTYPE_NAMES)}") from exc
+            check_available(dev, "Vae.to: device")
             self.model.to(device=dev)
         if dtype is not None:
             target, needs_fix = resolve_dtype(dtype, self.device)
@@ -133,7 +135,7 @@ class Vae:
                 self._apply_fix(None)
             if target != self.dtype:
                 self.guard.working_dtype = None  # the user asked for another precision: forget the fallback
-                self.model.to(dtype=target)
+                self.guard.cast(self.model, target, keep=False)  # from the loaded weights if a retry rounded them
         return self
 
     def _apply_fix(self, sample: Optional[torch.Tensor]) -> None:
@@ -147,13 +149,21 @@ class Vae:
                                 "its main stream, TAEF2's GroupNorms sit in side branches: run it in fp16 as it is)")
         dtype = self.dtype
         fix = fp16_fix_wan if isinstance(self.model, WanImageVAE) else fp16_fix_model
-        fixed, before, after = fix(self.model, sample)
+        source = self.model
+        if self.guard.pristine is not None:  # fix the weights as loaded, not a NaN guard retry's rounded copy
+            source = copy.deepcopy(self.model)
+            GuardState(pristine=self.guard.pristine).cast(source, torch.float32)
+        fixed, before, after = fix(source, sample)
         self.model = fixed.to(dtype=dtype)
+        self.guard.pristine = None  # the fixed weights are this VAE's weights now
         self.info.fp16_fix = {"peak_before": before, "peak_after": after}
         log.info("fp16 fix: largest activation %.4g -> %.4g", before, after)
 
     def clone(self) -> "Vae":
-        return Vae(copy.deepcopy(self.model), copy.deepcopy(self.info))
+        """An independent copy (weights, info); the NaN guard starts afresh but keeps the loaded weights it holds."""
+        new = Vae(copy.deepcopy(self.model), copy.deepcopy(self.info))
+        new.guard.pristine = self.guard.pristine  # never written in place: shared safely
+        return new
 
     # -- latent scaling --------------------------------------------------------------------------------------
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -197,7 +207,7 @@ class Vae:
 
         def run(dtype: torch.dtype) -> torch.Tensor:
             if self.dtype != dtype:
-                self.model.to(dtype=dtype)
+                self.guard.cast(self.model, dtype)
             with torch.inference_mode():
                 return fn(self.model, t.to(self.device, dtype), opts)
 
@@ -253,6 +263,14 @@ def make_fp16_safe(vae: Vae, sample: Optional[torch.Tensor] = None) -> Vae:
     Returns:
         a Vae in ``vae``'s dtype and device; ``info.fp16_fix`` holds the largest activation before and after.
     """
+    if sample is not None:
+        cfg = vae.model.config
+        sample = vae._check(sample, "make_fp16_safe sample", cfg.in_channels, cfg.downscale)
+        lo, hi = float(sample.min()), float(sample.max())
+        if hi > ENCODE_RANGE_LIMIT or lo < -ENCODE_RANGE_LIMIT:
+            raise VaeInputError(f"make_fp16_safe sample: values in [{lo:.4g}, {hi:.4g}]; expected calibration images "
+                                "in [-1, 1]")
     new = Vae(vae.model, copy.deepcopy(vae.info))
+    new.guard.pristine = vae.guard.pristine  # the weights as loaded, if a NaN guard retry rounded vae's
     new._apply_fix(sample)
     return new

@@ -85,6 +85,26 @@ def restore_tiled(fsm: nn.Module) -> None:
             mod.forward = fwd
 
 
+def restore_when_closed(p: Any, fsm: nn.Module) -> None:
+    """Restore ``fsm``'s forwards when the job ``p`` is closed: A1111 runs every txt2img/img2img job (UI and API) in
+    ``with closing(p)``, so this runs when the job fails or is cancelled too, where ``postprocess`` is skipped."""
+    close = getattr(p, "close", None)
+    own = p.__dict__.get("close")  # an instance attribute to put back, if the job had one
+
+    def closing(*args: Any, **kwargs: Any) -> None:
+        if own is None:  # once: the job's own close is back
+            p.__dict__.pop("close", None)
+        else:
+            p.__dict__["close"] = own
+        try:
+            restore_tiled(fsm)
+        finally:
+            if close is not None:
+                close(*args, **kwargs)
+
+    p.close = closing
+
+
 def _tensor_of(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -107,7 +127,7 @@ def install_guard(fsm: nn.Module, devices: Any) -> None:
 
             def run(dtype: torch.dtype) -> torch.Tensor:
                 if next(fsm.parameters()).dtype != dtype:
-                    fsm.to(dtype)
+                    state.cast(fsm, dtype)  # from the weights as loaded, never a rounded retry's
                     devices.dtype_vae = dtype  # A1111 casts the next inputs to this
                 box["out"] = _orig(x.to(dtype), *args, **kw)
                 return _tensor_of(box["out"])
@@ -127,9 +147,17 @@ def remove_guard(fsm: nn.Module) -> None:
         fsm.__dict__.pop("decode", None)
 
 
-def _checksum(fsm: nn.Module) -> float:
-    w = fsm.decoder.conv_in.weight
-    return float(w.detach().float().abs().sum()) + float(fsm.encoder.conv_in.weight.detach().float().abs().sum())
+def _fingerprint(fsm: nn.Module) -> torch.Tensor:
+    """Per-parameter sums of absolute values, in float32 on the CPU: any reload of other (e.g. un-fixed) weights
+    changes the sum of every tensor the fix rescaled, whichever segments kept factor 1."""
+    with torch.no_grad():
+        return torch.stack([p.detach().float().abs().sum() for p in fsm.parameters()]).cpu()
+
+
+def is_fixed(fsm: nn.Module) -> bool:
+    """Whether the fp16 fix was applied to exactly the weights ``fsm`` holds now."""
+    stamp = fsm.__dict__.get("_vae_pack_fixed")
+    return isinstance(stamp, torch.Tensor) and torch.equal(stamp, _fingerprint(fsm))
 
 
 def apply_fp16_fix(fsm: nn.Module) -> Optional[tuple[float, float]]:
@@ -138,7 +166,7 @@ def apply_fp16_fix(fsm: nn.Module) -> Optional[tuple[float, float]]:
     norms = _norms(fsm)
     for m in norms.values():
         m.__dict__.setdefault("_vae_pack_eps0", m.eps)
-    if getattr(fsm, "_vae_pack_fixed", None) == _checksum(fsm):
+    if is_fixed(fsm):
         return None
     for m in norms.values():
         m.eps = m._vae_pack_eps0
@@ -149,7 +177,7 @@ def apply_fp16_fix(fsm: nn.Module) -> Optional[tuple[float, float]]:
         for key, p in vae.model.named_parameters():  # aliases of A1111's tensors: written in place
             p.copy_(mine[key].to(p.dtype))
     host.set_host_eps(fixed)
-    fsm._vae_pack_fixed = _checksum(fsm)
+    fsm._vae_pack_fixed = _fingerprint(fsm)
     log.info("VAE pack fp16 fix: largest activation %.4g -> %.4g", before, after)
     return before, after
 

@@ -77,19 +77,29 @@ class VaePackScript(scripts.Script):
             mode = gr.Radio(["exact", "fast"], value=opt("vae_pack_tile_mode"), label="Mode")
         return [enabled, enc, dec, mode]
 
+    def before_process(self, p: Any, *args: Any) -> None:
+        _restore(p)  # at the start of every job: whatever a failed or cancelled job left behind
+
     def process(self, p: Any, enabled: bool = False, encoder_tile: int = 0, decoder_tile: int = 0,
                 mode: str = "exact", *args: Any) -> None:
-        fsm = getattr(p.sd_model, "first_stage_model", None)
+        fsm = _restore(p)
         if not enabled or fsm is None:
             return
         hooks.install_tiled(fsm, int(encoder_tile), int(decoder_tile), mode, cancel=_interrupted)
+        hooks.restore_when_closed(p, fsm)  # A1111 closes every job in a finally, failed ones too
         p.extra_generation_params["VAE tiling"] = f"{mode}, enc {int(encoder_tile) or 'auto'}, " \
                                                   f"dec {int(decoder_tile) or 'auto'}"
 
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
-        fsm = getattr(p.sd_model, "first_stage_model", None)
-        if fsm is not None:
-            hooks.restore_tiled(fsm)
+        _restore(p)
+
+
+def _restore(p: Any) -> Any:
+    """Put the first stage's own forwards back; returns the first stage (or None)."""
+    fsm = getattr(getattr(p, "sd_model", None), "first_stage_model", None)
+    if fsm is not None:
+        hooks.restore_tiled(fsm)
+    return fsm
 
 
 def setup() -> None:

@@ -31,6 +31,22 @@ def get_free_memory(device=None):
     return 8 * 2**30
 
 
+#: what get_total_memory answers (ComfyUI: the device's total memory); tests set a small card
+total_memory = 64 * 2**30
+
+
+def get_total_memory(dev=None, torch_total_too=False):
+    return total_memory
+
+
+def module_size(module):
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def extra_reserved_memory():
+    return 0
+
+
 def free_memory(memory_required, device, keep_loaded=()):
     freed.append(int(memory_required))
 
