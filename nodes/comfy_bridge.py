@@ -2,7 +2,7 @@
 
 * :func:`to_comfy_vae` builds ComfyUI's own ``comfy.sd.VAE`` from a vae_core Vae (LDM keys), so every core node and
   other pack sees a native VAE (no subclass, no duck typing that core changes could break).
-* :func:`engine_for` gives the vae_core engine for ANY incoming ComfyUI VAE: a :class:`~vae_core.attach.HostEngine`
+* :func:`engine_for` gives the vae_core engine for ANY incoming ComfyUI VAE: a :class:`~vae_core.hosts.attach.HostEngine`
   that runs on the ComfyUI VAE's own parameters (no second copy), cached weakly per VAE object.
 * :func:`run_engine` loads the VAE through ComfyUI's model management (``load_models_gpu`` with its patcher and the
   engine's memory estimate), so ComfyUI accounts for, offloads and reuses it like after its own VAE Decode.
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
-import time
 import weakref
 from typing import Any, Callable, Optional
 
@@ -23,12 +21,11 @@ import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
 
-from ..vae_core import AutoencoderKL, Vae, VaeLoadError
-from ..vae_core.attach import HostEngine
-from ..vae_core.lab_measure import roundtrip
-from ..vae_core.model_tiny import TinyAutoencoder
-from ..vae_core.precision import GuardState, guarded
-from ..vae_core.memory import estimate_bytes, plan_call, tile_bytes
+from ..vae_core import Vae, VaeLoadError
+from ..vae_core.hosts.attach import HostEngine
+from ..vae_core.hosts.guard import guard_methods
+from ..vae_core.lab.measure import timed, timed_roundtrip
+from ..vae_core.tiling.memory import estimate_bytes, plan_call, tile_bytes
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +38,10 @@ class EngineFirstStage(torch.nn.Module):
     ``bn.normalize``, ``decode`` = ``bn.denormalize`` then decode; other families use raw latents. ``vae`` is the
     vae_core network (the attribute name gives :class:`HostEngine` the ``vae.`` prefix it recognises)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, normalised_latents: bool) -> None:
         super().__init__()
         self.vae = model
-        self.normalised_latents = getattr(model, "bn", None) is not None
+        self.normalised_latents = normalised_latents
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         z = self.vae.encode(x)
@@ -58,10 +55,10 @@ def comfy_knows(vae: Vae) -> bool:
     """Whether the running ComfyUI builds this VAE itself: SD-family kl-f8 always; a TAESD with both halves (ComfyUI
     would fill a missing half with random weights) but not TAEF2 (its pool blocks are newer than ComfyUI's TAESD);
     Flux.2's (latent BatchNorm) only in versions whose VAE loader knows ``bn.running_mean`` (v0.3.64 does not)."""
-    if isinstance(vae.model, TinyAutoencoder):  # TAEF2's pool blocks: not in v0.3.64's TAESD (engine VAE)
-        cfg = vae.model.config
+    cfg = vae.model.config
+    if vae.family.name == "tiny":  # TAEF2's pool blocks: not in v0.3.64's TAESD (engine VAE)
         return cfg.has_encoder and cfg.has_decoder and not cfg.pool
-    if not isinstance(vae.model, AutoencoderKL):
+    if vae.family.name != "kl":
         return False  # Qwen-Image: v0.3.64's Wan VAE assumes Wan's widths and video (5-D) latents
     if not vae.model.config.latent_bn:
         return vae.model.config.decoder_ch is None
@@ -75,7 +72,8 @@ def engine_vae(vae: Vae) -> Any:
     import comfy.model_patcher
 
     cvae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
-    first = EngineFirstStage(vae.model.to("cpu")).eval().requires_grad_(False).to(cvae.vae_dtype)
+    first = EngineFirstStage(vae.model.to("cpu"), vae.family.patched_latents(vae.model))
+    first = first.eval().requires_grad_(False).to(cvae.vae_dtype)
     cvae.first_stage_model = first
     cvae.patcher = comfy.model_patcher.ModelPatcher(first, load_device=cvae.device,
                                                    offload_device=mm.vae_offload_device())
@@ -96,8 +94,8 @@ def to_comfy_vae(vae: Vae) -> Any:
     if not comfy_knows(vae):
         return engine_vae(vae)
     sd = {k: v.detach().cpu() for k, v in vae.model.state_dict().items()}
-    if isinstance(vae.model, TinyAutoencoder):  # ComfyUI's TAESD keys, with its latent scaling parameters
-        sd = {re.sub(r"^(encoder|decoder)\.", r"taesd_\1.", k): v for k, v in sd.items()}
+    if vae.family.name == "tiny":  # ComfyUI's TAESD keys, with its latent scaling parameters
+        sd = vae.family.file_state_dict(vae.model, sd, "ldm")
         cvae = comfy.sd.VAE(sd=sd)
         cvae.throw_exception_if_invalid()
         return cvae
@@ -146,7 +144,7 @@ def run_engine(cvae: Any, fn: Callable[[Vae, Optional[int]], torch.Tensor], imag
 
     ``image_shape`` is ``(batch, height, width)`` of the images decoded or encoded; ``tile`` an edge in px, None
     (untiled) or ``"auto"``. For ``"auto"`` the call is planned against the device's *total* usable memory first
-    (:func:`vae_core.memory.plan_call`): untiled only where it fits at all, else the largest tile that fits. Model
+    (:func:`vae_core.tiling.memory.plan_call`): untiled only where it fits at all, else the largest tile that fits. Model
     management is then asked for the working set of the call that will really run, so it evicts the UNet and text
     encoders only when that buys an untiled call (a 4K decode on a 12 GB card tiles anyway and evicts nothing it need
     not). The whole VAE is loaded (the engine runs plain modules on the loaded weights).
@@ -196,26 +194,11 @@ def progress_and_cancel() -> tuple[Callable[[int, int], None], Callable[[], None
 
 def guard_comfy_vae(cvae: Any) -> Any:
     """Wrap this VAE instance's ``decode``/``encode`` so non-finite outputs are retried in bf16/fp32 (whole tensor)."""
-    if getattr(cvae, "_vae_pack_guarded", False):
-        return cvae
-    state = GuardState()
-    for name in ("decode", "encode"):
-        original = getattr(cvae, name)
-
-        def wrapped(x: torch.Tensor, *args: Any, _orig: Callable = original, _what: str = name, **kw: Any):
-            def run(dtype: torch.dtype) -> torch.Tensor:
-                if cvae.vae_dtype != dtype:
-                    state.cast(cvae.first_stage_model, dtype)  # from the weights as loaded, never a rounded retry's
-                    cvae.vae_dtype = dtype
-                return _orig(x, *args, **kw)
-
-            device = torch.device(getattr(cvae, "device", "cpu"))
-            out, _ = guarded(run, state.working_dtype or cvae.vae_dtype, device, state, f"VAE {_what}",
-                                lambda: f"{_what} input range [{float(x.min()):.4g}, {float(x.max()):.4g}]")
-            return out
-
-        setattr(cvae, name, wrapped)
-    cvae._vae_pack_guarded = True
+    if not getattr(cvae, "_vae_pack_guarded", False):
+        guard_methods(cvae, ("decode", "encode"), lambda: cvae.first_stage_model, dtype_now=lambda: cvae.vae_dtype,
+                      set_dtype=lambda d: setattr(cvae, "vae_dtype", d),
+                      device=lambda x: torch.device(getattr(cvae, "device", "cpu")))
+        cvae._vae_pack_guarded = True
     return cvae
 
 
@@ -227,30 +210,22 @@ def comfy_roundtrip(cvae: Any, x: torch.Tensor, tile: int, mode: str, precision:
     VAE's own dtype). Returns ``(images [B, 3, H, W] about [-1, 1], seconds of the encode + decode alone, how it
     ran)``."""
     try:
-        engine = engine_for(cvae)
+        engine_for(cvae)  # raises for a VAE the engine does not know
     except VaeLoadError as exc:
         if getattr(cvae, "patcher", None) is not None:  # load first, so the time is the round trip's alone
             mm.load_models_gpu([cvae.patcher])
-        t0 = time.perf_counter()
-        img = cvae.decode(cvae.encode(((x + 1) / 2).movedim(1, -1)))
-        seconds = time.perf_counter() - t0
+        img, seconds = timed(lambda: cvae.decode(cvae.encode(((x + 1) / 2).movedim(1, -1))))
         img = img.reshape(-1, *img.shape[-3:])[: x.shape[0]]
         ignored = [what for what, on in (("tile", bool(tile)), ("precision", precision != "as loaded")) if on]
         how = f"ComfyUI's own encode/decode, untiled, in the VAE's own dtype ({exc.found})"
         if ignored:
             how += f"; {' and '.join(ignored)} not applied to it"
         return img.movedim(-1, 1).float().cpu() * 2 - 1, seconds, how
-    family = engine.vae.info.family
     ran: dict[str, Any] = {}
 
     def call(v: Vae, planned: Optional[int]) -> torch.Tensor:
-        if precision != "as loaded":
-            v = v.clone().to(dtype=precision)
-        t0 = time.perf_counter()
-        y, ran["as"] = roundtrip(v, x, planned, mode)
-        ran["seconds"] = time.perf_counter() - t0
+        y, ran["seconds"], ran["how"] = timed_roundtrip(v, x, planned, mode, precision, tile_label=tile)
         return y
 
     y = run_engine(cvae, call, (x.shape[0], x.shape[-2], x.shape[-1]), tile or None)
-    how = f"vae_core engine, {family}, {ran['as']}, " + (f"tile {tile} {mode}" if tile else "untiled")
-    return y.float().cpu(), ran["seconds"], how
+    return y.float().cpu(), ran["seconds"], ran["how"]

@@ -15,10 +15,11 @@ import torch
 import folder_paths
 
 from ..vae_core import VaeLoadError, load_vae, make_fp16_safe
-from ..vae_core.formats import find_diffusers_folder, is_weight_file
-from ..vae_core.lab import compare_pair
+from ..vae_core.io.formats import find_diffusers_folder, is_weight_file
+from ..vae_core.io.walk import walk_model_dirs
+from ..vae_core.lab.run import compare_pair
+from ..vae_core.precision.dtypes import DTYPES, HOST_CHOICES
 from ..vae_core.tiling import TileReport
-from ..vae_core.walk import walk_model_dirs
 from .comfy_bridge import (comfy_roundtrip, comfy_tiled, engine_for, guard_comfy_vae, progress_and_cancel, run_engine,
                            to_comfy_vae)
 
@@ -45,7 +46,7 @@ def _vae_dirs(kind: str = "vae") -> list[Path]:
 def list_vaes() -> list[str]:
     """Weight files in the vae folders plus one entry per diffusers folder (not its inner files).
 
-    Walks with :func:`vae_core.walk.walk_model_dirs` (links followed, each real folder once, bounded), so a symlink
+    Walks with :func:`vae_core.io.walk.walk_model_dirs` (links followed, each real folder once, bounded), so a symlink
     loop in ``models/vae`` cannot hang the node list. File names are relative to their vae folder, as ComfyUI's
     ``get_full_path`` resolves them.
     """
@@ -221,13 +222,12 @@ class VaePackFp16Fix:
     RETURN_TYPES = ("VAE", "STRING")
     RETURN_NAMES = ("vae", "report")
     FUNCTION = "apply"
-    _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {"vae": ("VAE",),
                              "fix": ("BOOLEAN", {"default": True, "tooltip": "Apply the fp16 rescaling."}),
-                             "precision": (["auto", "fp16", "bf16", "fp32"], {"default": "auto",
+                             "precision": (["auto", *HOST_CHOICES], {"default": "auto",
                                            "tooltip": "auto: bf16 where supported, else fp16 with the fix."})}}
 
     def apply(self, vae: Any, fix: bool, precision: str) -> tuple[Any, str]:
@@ -245,7 +245,7 @@ class VaePackFp16Fix:
             dtype = torch.bfloat16 if mm.should_use_bf16(new.device) else (
                 torch.float16 if new.device.type == "cuda" else torch.float32)
         else:
-            dtype = self._DTYPES[precision]
+            dtype = DTYPES[precision]
         new.first_stage_model.to(dtype)
         new.vae_dtype = dtype
         return guard_comfy_vae(new), f"{report}; running in {str(dtype).replace('torch.', '')} with a NaN guard"
@@ -267,7 +267,7 @@ class VaePackCompare:
                 "optional": {"tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
                                                    "tooltip": "Tile edge in image pixels; 0 = untiled."}),
                              "mode": _MODE,
-                             "precision": (["as loaded", "fp32", "bf16", "fp16"], {"default": "as loaded"})}}
+                             "precision": (["as loaded", *HOST_CHOICES], {"default": "as loaded"})}}
 
     def compare(self, image: torch.Tensor, vae_a: Any, vae_b: Any, tile_size: int = 0, mode: str = "exact",
                 precision: str = "as loaded") -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -71,7 +71,7 @@ def diffusers_vae(kind: str, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def image_512() -> torch.Tensor:
-    from vae_core.images import load_image
+    from vae_core.io.images import load_image
 
     return load_image(SAMPLE)
 

@@ -1,5 +1,5 @@
 """Run by tests/test_lpips.py with a Python that has torchvision and lpips (the ComfyUI host venv): the lab's LPIPS
-(``vae_core.lab_cli.load_lpips``) against the ``lpips`` package's own network, built the package's way with torchvision
+(``vae_core.cli.lab.load_lpips``) against the ``lpips`` package's own network, built the package's way with torchvision
 handing it the same AlexNet, on random images. Prints ``PROBE <json>``.
 
     python tests/lpips_probe.py REPO_ROOT WORK_DIR
@@ -21,7 +21,7 @@ alex = torchvision.models.alexnet(weights=None).eval()  # random ImageNet-shaped
 weights = work / "alexnet-random.pth"
 torch.save(alex.state_dict(), weights)
 
-from vae_core.lab_cli import load_lpips  # noqa: E402
+from vae_core.cli.lab import load_lpips  # noqa: E402
 
 ours = load_lpips(weights, torch.device("cpu"))
 

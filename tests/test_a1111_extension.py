@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vae_core
-from vae_core.images import psnr
+from vae_core.lab.metrics import signed_psnr as psnr
 from vae_core.tiling import Cancelled
 from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT
 
@@ -249,7 +249,7 @@ def test_nan_guard_checks_whole_tensor_and_retries(a1111, caplog):
 
 
 def test_fp16_fix_applied_on_model_load(a1111, tmp_path):
-    from vae_core.precision import rescale_stream, stream_segments
+    from vae_core.families.kl.fp16_fix import rescale_stream, stream_segments
 
     sd_vae, sd_model, devices = a1111["sd_vae"], a1111["sd_model"], a1111["devices"]
     big = vae_core.load_vae(MINI_LDM)
@@ -302,7 +302,7 @@ def test_fp16_fix_reapplied_after_a_reload_of_the_same_weights(a1111):
     """A VAE inflated everywhere but its first segment keeps conv_in at factor 1 under the fix, so a conv_in checksum
     took the reloaded, un-fixed weights for fixed ones: the second fix was skipped and fp16 went non-finite. The
     fingerprint covers every tensor."""
-    from vae_core.precision import rescale_stream, stream_segments
+    from vae_core.families.kl.fp16_fix import rescale_stream, stream_segments
 
     sd_vae, sd_model, devices = a1111["sd_vae"], a1111["sd_model"], a1111["devices"]
     hooks = sys.modules["webui_extension.hooks"]
@@ -364,7 +364,7 @@ def test_a_failed_job_leaves_no_tiled_hook_behind(a1111):
 def test_a1111_guard_retries_from_the_loaded_weights(a1111, monkeypatch):
     """fp16 → bf16 → fp32 on A1111's first stage: the fp32 retry runs the loaded fp16 weights, not bf16-rounded ones
     (bf16 simulated as native)."""
-    monkeypatch.setattr("vae_core.precision.bf16_supported", lambda device: True)
+    monkeypatch.setattr("vae_core.precision.dtypes.bf16_supported", lambda device: True)
     sd_model, devices = a1111["sd_model"], a1111["devices"]
     fsm = sd_model.first_stage_model
     a1111["sd_vae"].reload_vae_weights(sd_model, a1111["sd_vae"].vae_dict["mini-ldm.safetensors"])

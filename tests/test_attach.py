@@ -1,4 +1,4 @@
-"""vae_core.attach.HostEngine: the engine on a host's own module (here diffusers' AutoencoderKL, an independent
+"""vae_core.hosts.attach.HostEngine: the engine on a host's own module (here diffusers' AutoencoderKL, an independent
 implementation with diffusers' parameter names), no second copy, exact, and never changing the host's tensors."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import vae_core
 from conftest import MINI_LDM, diffusers_vae
-from vae_core.attach import HostEngine
+from vae_core.hosts.attach import HostEngine
 
 
 def _storages(tensors) -> set[int]:
@@ -60,7 +60,7 @@ def test_rebuilds_when_the_host_changes_shapes():
 
 def test_nan_fallback_casts_a_temporary_copy_not_the_host():
     from diffusers_host import host_vae
-    from vae_core.precision import rescale_stream, stream_segments
+    from vae_core.families.kl.fp16_fix import rescale_stream, stream_segments
 
     big = vae_core.load_vae(MINI_LDM)
     enc, dec = stream_segments(big.model)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vae_core
-from vae_core.cli import main
+from vae_core.cli.main import main
 from conftest import MINI_DIFFUSERS, MINI_LDM
 
 
@@ -43,7 +43,7 @@ def test_config_group_count_out_of_range_is_named(tmp_path, groups):
 
 
 def test_config_values_beyond_any_real_vae_are_named():
-    from vae_core.convert import infer_config
+    from vae_core.families.kl.convert import infer_config
 
     sd = {k: torch.empty(v.shape, device="meta") for k, v in load_file(str(MINI_LDM)).items()}
     assert infer_config(sd).ch == 32

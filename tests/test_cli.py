@@ -68,8 +68,10 @@ def test_convert_encode_decode_roundtrip(tmp_path):
     assert z.shape == (1, 4, 64, 64)
     out = run("decode", tmp_path / "z.safetensors", "-o", tmp_path / "y.png")
     assert "bundled test VAE" in out and (tmp_path / "y.png").is_file()
-    out = run("roundtrip", "-o", tmp_path / "rt.png")
-    assert "bundled sample photo" in out
+    out = run("roundtrip", "-o", tmp_path / "rt.png")  # the first command: a real published VAE (TAEF2), said so
+    assert "bundled sample photo" in out and "bundled TAEF2" in out and "VAE: taef2" in out
+    assert 30.0 < float(re.search(r"PSNR ([\d.]+) dB", out).group(1)) < 32.5  # 31.07 dB measured
+    out = run("roundtrip", "--vae", MINI_LDM, "-o", tmp_path / "rt2.png")  # the kl-f8 test VAE: soft, 16.8 dB
     assert 15.0 < float(re.search(r"PSNR ([\d.]+) dB", out).group(1)) < 25.0
 
 

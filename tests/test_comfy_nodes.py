@@ -51,7 +51,7 @@ def _node(comfy, name):
 
 
 def _photo(size=128) -> torch.Tensor:
-    from vae_core.images import load_image
+    from vae_core.io.images import load_image
 
     x = torch.nn.functional.interpolate(load_image(SAMPLE), size=(size, size), mode="area")
     return ((x + 1) / 2).movedim(1, -1).contiguous()  # IMAGE [1,H,W,3] in 0..1
@@ -145,7 +145,7 @@ def test_encode_crops_like_core_vaeencode(comfy):
 
 
 def test_fp16_fix_node_makes_core_decode_finite_in_fp16(comfy):
-    from vae_core.precision import rescale_stream, stream_segments
+    from vae_core.families.kl.fp16_fix import rescale_stream, stream_segments
 
     big = vae_core.load_vae(MINI_LDM)
     enc, dec = stream_segments(big.model)
@@ -176,7 +176,7 @@ def test_compare_node_round_trips_side_by_side_with_heat_map_and_metrics(comfy):
     import comfy.sd as csd
     from safetensors.torch import load_file
 
-    from vae_core import metrics
+    from vae_core.lab import metrics
 
     ours, _ = _node(comfy, "VaePackLoader").load("mini-ldm.safetensors")
     bridge = sys.modules["vae_pack_under_test.nodes.comfy_bridge"]
@@ -386,7 +386,7 @@ def test_auto_tile_is_planned_against_the_devices_total_memory(comfy, monkeypatc
     encoders for nothing); when it fits, it asks for the untiled working set and runs untiled."""
     import comfy.model_management as mm
 
-    from vae_core.memory import estimate_bytes
+    from vae_core.tiling.memory import estimate_bytes
 
     vae, _ = _node(comfy, "VaePackLoader").load("mini-ldm.safetensors")
     z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(0))
@@ -408,7 +408,7 @@ def test_auto_tile_is_planned_against_the_devices_total_memory(comfy, monkeypatc
 def test_comfy_guard_retries_from_the_loaded_weights(comfy, monkeypatch):
     """fp16 → bf16 → fp32 in the fp16-fix node's guard: the fp32 retry runs the fp16 weights as loaded, not
     bf16-rounded ones (bf16 simulated as native)."""
-    monkeypatch.setattr("vae_pack_under_test.vae_core.precision.bf16_supported", lambda device: True)
+    monkeypatch.setattr("vae_pack_under_test.vae_core.precision.dtypes.bf16_supported", lambda device: True)
     vae, _ = _node(comfy, "VaePackLoader").load("mini-ldm.safetensors")
     guarded, _ = _node(comfy, "VaePackFp16Fix").apply(vae, False, "fp16")
     fsm = guarded.first_stage_model

@@ -128,7 +128,7 @@ def _taesd() -> dict:
 def _qwen_full_size() -> dict:
     """A random Qwen-Image VAE at its real widths (127 M parameters, fp16: 254 MB), in the original Wan layout:
     ComfyUI v0.3.64's loader builds its Wan VAE at those widths only."""
-    from vae_core.model_wan import WanConfig, WanImageVAE
+    from vae_core.families.wan.model import WanConfig, WanImageVAE
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in WanImageVAE(WanConfig()).state_dict().items()}
@@ -413,7 +413,7 @@ def test_vae_compare_node_in_a_real_graph(server):
     assert np.abs(pair[:, :512] - direct).max() <= 2.0
     assert np.abs(pair[:, 512:] - _saved(base, outputs, "10")).max() <= 2.0  # B = core VAE Encode + Decode
     text = outputs["7"]["text"][0]
-    from vae_core import metrics
+    from vae_core.lab import metrics
 
     photo = torch.from_numpy(np.asarray(__import__("PIL.Image").Image.open(SAMPLE).convert("RGB"),
                                         dtype=np.float64).copy()).permute(2, 0, 1)[None] / 255

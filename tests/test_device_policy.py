@@ -15,8 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import vae_core
-from vae_core import devices, memory, tile_cache, tiling
-from vae_core.images import psnr, snr
+from vae_core import devices
+from vae_core.tiling import memory
+from vae_core.tiling import cache as tile_cache
+from vae_core import tiling
+from vae_core.tiling import sweep
+from vae_core.lab.metrics import signed_psnr as psnr, snr
 from conftest import MINI_LDM, ROOT
 
 
@@ -44,7 +48,7 @@ def test_no_float64_device_pools_statistics_in_compensated_float32(mini_vae, ima
     x = image_512[..., 128:384, 64:320]
     z = mini_vae.encode(x)
     ref_dec, ref_enc = mini_vae.decode(z, tile=64), mini_vae.encode(x, tile=64)  # float64 statistics
-    monkeypatch.setattr("vae_core.groupnorm_stats.has_float64", lambda device: False)
+    monkeypatch.setattr("vae_core.tiling.stats.has_float64", lambda device: False)
     with _Float64Ops() as spy:
         dec, enc = mini_vae.decode(z, tile=64), mini_vae.encode(x, tile=64)
     assert spy.seen == [], spy.seen[:5]
@@ -53,7 +57,7 @@ def test_no_float64_device_pools_statistics_in_compensated_float32(mini_vae, ima
         truth = copy.deepcopy(mini_vae.model).double().decode(z.double())
     assert _rms(dec, truth) <= 1.25 * _rms(mini_vae.decode(z), truth)
     with _Float64Ops() as spy:  # the float64 path, for contrast: it does use float64 where the device has it
-        monkeypatch.setattr("vae_core.groupnorm_stats.has_float64", lambda device: True)
+        monkeypatch.setattr("vae_core.tiling.stats.has_float64", lambda device: True)
         mini_vae.decode(z, tile=64)
     assert spy.seen
 
@@ -78,7 +82,7 @@ def two_gpus(monkeypatch):
 
 
 def test_bf16_is_native_only_from_compute_capability_8_for_the_device_given(two_gpus):
-    from vae_core.precision import bf16_supported, resolve_dtype
+    from vae_core.precision.dtypes import bf16_supported, resolve_dtype
 
     assert bf16_supported(torch.device("cuda:0")) and bf16_supported(torch.device("cuda"))  # current device: 0
     assert not bf16_supported(torch.device("cuda:1"))  # a T4: emulated bf16, slow
@@ -156,7 +160,8 @@ def test_auto_decode_under_a_real_address_space_limit():
         import resource, sys, torch
         sys.path.insert(0, {str(ROOT)!r})
         import vae_core
-        from vae_core import memory, tiling
+        from vae_core.tiling import memory
+        from vae_core import tiling
         torch.set_num_threads(2)
         vae = vae_core.load_vae({str(MINI_LDM)!r})
         z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0)) * 3
@@ -204,7 +209,7 @@ def test_the_store_is_closed_when_a_tiled_call_fails(mini_vae, monkeypatch):
             closed.append(True)
             super().close()
 
-    monkeypatch.setattr(tiling, "CheckpointStore", Recording)
+    monkeypatch.setattr(sweep, "CheckpointStore", Recording)  # the sweep engine opens the store
     with pytest.raises(vae_core.Cancelled):
         mini_vae.decode(torch.randn(1, 4, 24, 24), tile=64, cancel=lambda: True)
     assert closed == [True]
@@ -214,7 +219,7 @@ def test_the_store_is_closed_when_a_tiled_call_fails(mini_vae, monkeypatch):
 def test_guard_retries_from_the_loaded_weights_not_a_rounded_copy(mini_vae, monkeypatch, caplog):
     """fp16 → bf16 → fp32: the fp32 retry must run the fp16 weights as loaded (not bf16-rounded ones), and casting
     back to fp16 afterwards gives exactly the loaded weights (bf16 is simulated as native here)."""
-    monkeypatch.setattr("vae_core.precision.bf16_supported", lambda device: True)
+    monkeypatch.setattr("vae_core.precision.dtypes.bf16_supported", lambda device: True)
     vae = mini_vae.clone().to(dtype=torch.float16)
     loaded = {k: v.clone() for k, v in vae.model.state_dict().items()}
     seen: list[dict] = []

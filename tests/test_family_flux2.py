@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vae_core
-from vae_core.images import psnr
+from vae_core.lab.metrics import signed_psnr as psnr
 
 
 def _flux2(seed: int = 0):
@@ -109,7 +109,7 @@ def test_exact_tiling_and_fp16_fix(containers):
 def test_fp16_fix_on_an_overflowing_flux2_vae(containers):
     """The random model's peaks are ~13 (every factor would be 1, a no-op): inflate its stream 2¹⁴× first (same fp32
     outputs), check fp16 really overflows, then that the fix brings it back without a fallback."""
-    from vae_core.precision import rescale_stream, stream_segments
+    from vae_core.families.kl.fp16_fix import rescale_stream, stream_segments
 
     vae = vae_core.load_vae(containers["diffusers-folder"])
     big = vae.clone()

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vae_core
-from vae_core.images import psnr
+from vae_core.lab.metrics import signed_psnr as psnr
 
 
 def _qwen(num_res_blocks: int = 2, seed: int = 0):
@@ -100,7 +100,7 @@ def test_exact_tiling_around_the_global_mid_block(containers):
 
 
 def test_too_small_halo_is_not_exact(containers):
-    from vae_core.tile_local import Local, run_stages
+    from vae_core.tiling.halo import Local, run_stages
 
     model = vae_core.load_vae(containers["original-file"]).model
     stages = model.decode_stages()
@@ -138,7 +138,7 @@ def test_near_misses(containers, tmp_path):
 def test_fp16_fix_by_rms_norm_scale_invariance(containers):
     """A Qwen-Image VAE whose stream is 2¹⁶× larger (same outputs in fp32) overflows fp16 (the NaN guard has to fall
     back to fp32); the fix brings it back into range, so fp16 runs without a fallback."""
-    from vae_core.precision_wan import rescale_wan_stream
+    from vae_core.families.wan.fp16_fix import rescale_wan_stream
 
     big = vae_core.load_vae(containers["original-file"])
     with torch.no_grad():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import vae_core
-from vae_core.images import psnr
+from vae_core.lab.metrics import signed_psnr as psnr
 from test_family_tiny import _original_halves
 
 ENC_POOL, DEC_POOL = (11, 12, 13), (3, 4, 5)  # indices in the original nn.Sequential files
@@ -162,7 +162,7 @@ def test_near_misses_are_named(taef2, tmp_path):
 
 
 def test_inspect_names_it(taef2, capsys):
-    from vae_core.cli import main
+    from vae_core.cli.main import main
 
     assert main(["inspect", str(taef2["on"][0] / "taef2_decoder.pth")]) == 0
     out = capsys.readouterr().out

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import vae_core
-from vae_core.images import psnr
+from vae_core.lab.metrics import signed_psnr as psnr
 
 
 def _tiny(latent: int = 4, seed: int = 0):
@@ -97,7 +97,7 @@ def test_tiling_with_halos_is_exact(case):
 
 def test_halo_matters():
     """No halo at the decoder's first stage (10 latent px needed) breaks exactness: the test can fail."""
-    from vae_core.tile_local import Local, run_stages
+    from vae_core.tiling.halo import Local, run_stages
 
     model = vae_core.load_vae(_save_comfy(_tiny(seed=3))).model
     with torch.no_grad():

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import vae_core
-from vae_core import cli, images
+from vae_core.cli import main as cli
+from vae_core.io import images
 from vae_core.errors import VaeInputError
 from conftest import MINI_DIFFUSERS, MINI_LDM
 from test_comfy_nodes import comfy  # noqa: F401  (module fixture: the pack loaded like ComfyUI does)
@@ -196,7 +197,7 @@ def test_disk_full_on_image_write_leaves_nothing(work, capsys, monkeypatch):
 
 
 def test_atomic_write_keeps_mode_and_removes_temp_on_failure(tmp_path):
-    from vae_core.safe_paths import atomic_write, same_file
+    from vae_core.io.paths import atomic_write, same_file
 
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")
@@ -360,7 +361,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_animated_image_uses_first_frame_and_logs(tmp_path, caplog):
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
-    with caplog.at_level(logging.WARNING, logger="vae_core.images"):
+    with caplog.at_level(logging.WARNING, logger="vae_core.io.images"):
         t = images.load_image(tmp_path / "anim.gif")
     assert t[0, 0].mean() > 0.9 and t[0, 2].mean() < -0.9  # red, the first frame
     assert "2 frames" in caplog.text and "first frame" in caplog.text
@@ -402,7 +403,7 @@ def _bounded(fn, seconds=60):
 
 
 def test_walker_visits_each_real_folder_once_and_is_bounded(tmp_path):
-    from vae_core.walk import walk_model_dirs
+    from vae_core.io.walk import walk_model_dirs
 
     vae_dir = _loopy_models(tmp_path)
     seen = _bounded(lambda: [(p, sorted(f)) for p, _d, f in walk_model_dirs(vae_dir)])
@@ -438,7 +439,7 @@ def test_a1111_list_survives_symlink_loops(tmp_path):
 
 # -- 9. attention hook and cost log ----------------------------------------------------------------------------------
 def test_attention_hook_called_per_chunk_and_can_stop_it(caplog, monkeypatch):
-    from vae_core import model
+    from vae_core.families import layers as model
 
     q, k, v = (torch.randn(1, 64, 8) for _ in range(3))
     ref = model.attention(q, k, v, chunk_bytes=16 * 64 * 4)  # 16 queries per chunk: 4 chunks
@@ -468,7 +469,7 @@ def test_attention_hook_called_per_chunk_and_can_stop_it(caplog, monkeypatch):
         model.ATTENTION_HOOK.reset(token)
     assert calls == [1, 2]  # stopped: chunks 3 and 4 never ran
     monkeypatch.setattr(model, "ATTENTION_LOG_FLOPS", 1e3)
-    with caplog.at_level(logging.INFO, logger="vae_core.model"):
+    with caplog.at_level(logging.INFO, logger="vae_core.families.layers"):
         model.attention(q, k, v)
     assert "N=64" in caplog.text and "FLOPs" in caplog.text  # 4 * 64 * 64 * 8 = 131072
 

@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vae_core
-from vae_core import VaeInputError, VaeLoadError
-from vae_core.atomic import atomic_write, same_file
-from vae_core.convert import diffusers_to_ldm, ldm_to_diffusers
-from vae_core.formats import MAX_JSON_BYTES
+from vae_core import VaeInputError
+from vae_core import VaeLoadError
+from vae_core.io.atomic import atomic_write, same_file
+from vae_core.families.kl.convert import diffusers_to_ldm, ldm_to_diffusers
+from vae_core.io.formats import MAX_JSON_BYTES
 from conftest import MINI_DIFFUSERS, MINI_LDM, ROOT, diffusers_vae
 
 
@@ -446,7 +447,7 @@ def test_vae_to_keeps_the_guard_memory_across_moves(mini_vae):
 # -- 15. one dtype vocabulary -----------------------------------------------------------------------------------
 
 def test_one_dtype_parser(tmp_path, mini_vae):
-    from vae_core.precision import parse_dtype, resolve_dtype
+    from vae_core.precision.dtypes import parse_dtype, resolve_dtype
 
     assert vae_core.parse_dtype is parse_dtype
     assert parse_dtype("auto") == "auto" and parse_dtype("bf16") is torch.bfloat16 and parse_dtype(None) is None
@@ -487,6 +488,8 @@ def test_pip_install_gives_vae_core_only(tmp_path):
     assert "vae_core" in top and "bin" in top
     assert [n for n in top if n not in ("vae_core", "bin") and not n.endswith(".dist-info")] == [], top
     assert (target / "bin" / "vae-core").is_file() and "vae_core.cli" in (target / "bin" / "vae-core").read_text()
+    installed = {str(p.relative_to(target / "vae_core")) for p in (target / "vae_core").rglob("*.py")}
+    assert {"families/kl/model.py", "families/registry.py", "tiling/sweep.py", "cli/main.py"} <= installed
     code = "import sys; sys.path.insert(0, sys.argv[1]); import vae_core; print(vae_core.__file__)"
     env = dict(os.environ, PYTHONPATH="")
     proc = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, capture_output=True, text=True,

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import vae_core
-from vae_core.cli import main
-from vae_core.images import load_image
-from vae_core.lab import find_images, make_settings, prepare_image
+from vae_core.cli.main import main
+from vae_core.io.images import load_image
+from vae_core.lab.run import find_images, make_settings, prepare_image
 from conftest import MINI_LDM, SAMPLE
 
 
@@ -132,7 +132,7 @@ def test_aggregate_over_a_folder_is_mean_and_std(tmp_path, capsys):
 
 def _overflowing_vae(path):
     """The fixture VAE with its residual stream scaled ×256: same fp32 outputs, fp16 overflows."""
-    from vae_core.precision import rescale_stream, stream_segments
+    from vae_core.families.kl.fp16_fix import rescale_stream, stream_segments
 
     big = vae_core.load_vae(MINI_LDM)
     enc, dec = stream_segments(big.model)
@@ -273,9 +273,9 @@ def test_identical_images_do_not_turn_a_summary_into_inf(tmp_path, capsys):
 def test_a_bf16_retry_leaves_the_fp16_weights_as_they_were(tmp_path, monkeypatch):
     """On GPUs with bf16 the guard retries fp16 in bf16; fp16 → bf16 → fp16 would round the weights. The guard keeps
     them aside and the round trip puts them back (bf16 support is simulated here: bf16 runs on this CPU)."""
-    import vae_core.lab as lab
-    import vae_core.lab_measure as lm
-    import vae_core.precision as prec
+    import vae_core.lab.run as lab
+    import vae_core.lab.measure as lm
+    import vae_core.precision.dtypes as prec
 
     monkeypatch.setattr(prec, "bf16_supported", lambda device: True)
     monkeypatch.setattr(lab, "bf16_supported", lambda device: True)
@@ -286,7 +286,7 @@ def test_a_bf16_retry_leaves_the_fp16_weights_as_they_were(tmp_path, monkeypatch
     assert "bf16" in ran and torch.isfinite(y).all() and vae.dtype == torch.float16
     assert all(torch.equal(before[k], v) for k, v in vae.model.state_dict().items())
     assert vae.guard.working_dtype is None  # what the guard remembered before is back
-    from vae_core.lab import run_lab
+    from vae_core.lab.run import run_lab
 
     (tmp_path / "x.png").write_bytes(SAMPLE.read_bytes())
     result = run_lab([tmp_path / "x.png"] * 2, {"o": vae_core.load_vae(tmp_path / "o.safetensors")}, ["fp16"],
@@ -297,8 +297,8 @@ def test_a_bf16_retry_leaves_the_fp16_weights_as_they_were(tmp_path, monkeypatch
 
 
 def test_compare_pair_means_per_image_values():
-    from vae_core import metrics
-    from vae_core.lab import compare_pair
+    from vae_core.lab import metrics
+    from vae_core.lab.run import compare_pair
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
@@ -325,7 +325,7 @@ def test_settings_and_inputs_helpers(tmp_path):
 
 
 def test_roundtrip_names_the_dtype_it_ran():
-    from vae_core.lab import roundtrip
+    from vae_core.lab.run import roundtrip
 
     vae = vae_core.load_vae(MINI_LDM).to("bf16")
     y, ran = roundtrip(vae, torch.zeros(1, 3, 16, 16), None)
@@ -335,7 +335,7 @@ def test_roundtrip_names_the_dtype_it_ran():
 def test_images_too_small_for_ssim_get_none_not_an_error(tmp_path):
     from PIL import Image
 
-    from vae_core.lab import run_lab
+    from vae_core.lab.run import run_lab
 
     Image.new("RGB", (9, 300), (200, 30, 90)).save(tmp_path / "thin.png")
     result = run_lab([tmp_path / "thin.png"], {"v": vae_core.load_vae(MINI_LDM)}, ["fp32"], [None], ["exact"])

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import vae_core
-from vae_core.lab import run_lab
-from vae_core.lab_report import make_panels, write_report
+from vae_core.lab.run import run_lab
+from vae_core.lab.report import make_panels, write_report
 from conftest import MINI_LDM
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)

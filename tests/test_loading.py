@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vae_core
-from vae_core.convert import diffusers_to_ldm, ldm_to_diffusers
+from vae_core.families.kl.convert import diffusers_to_ldm, ldm_to_diffusers
 from conftest import MINI_DIFFUSERS, MINI_LDM, diffusers_vae
 
 #: Largest difference from diffusers' output in fp32 (measured: 1.9e-6; a GroupNorm eps mutant exceeds this).

@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, real_host
 from vae_core import VaeInputError
-from vae_core.lab_cli import load_lpips
+from vae_core.cli.lab import load_lpips
 
 
 @real_host("COMFYUI_PATH", "a ComfyUI checkout (its venv has torchvision and lpips)")

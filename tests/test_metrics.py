@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from vae_core import metrics
-from vae_core.images import load_image
+from vae_core.lab import metrics
+from vae_core.io.images import load_image
 from conftest import SAMPLE
 
 skm = pytest.importorskip("skimage.metrics")

@@ -10,7 +10,9 @@ from torch import nn
 import vae_core
 from vae_core.errors import NonFiniteOutputError, VaeInputError
 from conftest import MINI_LDM
-from vae_core.precision import calibration_image, measure_peaks, resolve_dtype, rescale_stream, stream_segments
+from vae_core.families.kl.fp16_fix import rescale_stream, stream_segments
+from vae_core.precision.calibrate import calibration_image, measure_peaks
+from vae_core.precision.dtypes import resolve_dtype
 
 FP16_MAX = 65504.0
 

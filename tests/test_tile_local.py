@@ -1,4 +1,4 @@
-"""vae_core.tile_local: halo tiling of local chains equals the untiled run when the radii bound the receptive
+"""vae_core.tiling.halo: halo tiling of local chains equals the untiled run when the radii bound the receptive
 fields, and differs measurably when a radius is too small (so the test can fail)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vae_core.tile_local import Local, Whole, chain_radius, run_stages
+from vae_core.tiling.halo import Local, Whole, chain_radius, run_stages
 
 
 def _net(seed: int = 0):

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import vae_core
-from vae_core import tiling
-from vae_core.bench import measure
+from vae_core import engine, tiling
+from vae_core.lab.bench import measure
 from vae_core.errors import VaeInputError
-from vae_core.images import psnr, snr
+from vae_core.lab.metrics import signed_psnr as psnr, snr
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_random_weight_sd_width_decode():
     z = torch.randn(1, 4, 12, 20)
     with torch.no_grad():
         ref = model.decode(z)
-        out = tiling.decode(model, z, tiling.TileOptions(tile=64))
+        out = engine.decode(model, z, tiling.TileOptions(tile=64))
     assert psnr(ref, out) >= 50.0
 
 
@@ -220,10 +220,10 @@ def test_untiled_path_reports_progress_and_keeps_no_autograd_graph():
     weights (a host's shared parameters may require grad)."""
     model = vae_core.AutoencoderKL(vae_core.ModelConfig(**{**NARROW, "ch_mult": tuple(NARROW["ch_mult"])})).eval()
     calls = []
-    out = tiling.encode(model, torch.rand(1, 3, 71, 9) * 2 - 1, tiling.TileOptions(tile=64, progress=lambda d, t:
+    out = engine.encode(model, torch.rand(1, 3, 71, 9) * 2 - 1, tiling.TileOptions(tile=64, progress=lambda d, t:
                                                                                      calls.append((d, t))))
     assert calls == [(1, 1)] and not out.requires_grad
-    assert not tiling.decode(model, torch.randn(1, 4, 20, 20), tiling.TileOptions(tile=64)).requires_grad
+    assert not engine.decode(model, torch.randn(1, 4, 20, 20), tiling.TileOptions(tile=64)).requires_grad
 
 
 def test_fast_mode_proxy_is_the_image_when_it_fits(mini_vae):
@@ -233,7 +233,7 @@ def test_fast_mode_proxy_is_the_image_when_it_fits(mini_vae):
 
 
 def test_store_accounting_never_goes_negative():
-    from vae_core.tile_cache import CheckpointStore
+    from vae_core.tiling.cache import CheckpointStore
 
     store = CheckpointStore(torch.device("cpu"), 100)
     assert not store.reserve(200) and store.reserve(60)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vae_core import tiling
-from vae_core.model import AutoencoderKL, ModelConfig
+from vae_core import engine, tiling
+from vae_core.families.kl.model import AutoencoderKL, ModelConfig
 
 FIXTURE = ModelConfig(ch=32, ch_mult=(1, 2, 4, 4))  # tests/fixtures/mini-vae: SD's topology at 1/4 width
 SD = ModelConfig()
@@ -22,19 +22,19 @@ def _flops(fn) -> int:
 def flop_ratio(cfg: ModelConfig, op: str, size: int, tile: int, cache_bytes: object = None,
                report: tiling.TileReport | None = None, mode: str = "exact") -> float:
     """FLOPs of the tiled call over FLOPs of the untiled call, on the meta device. ``cache_bytes`` None: what the
-    plan needs for full speed (:func:`vae_core.tiling.cache_needed`)."""
+    plan needs for full speed (:func:`vae_core.engine.cache_needed`)."""
     with torch.device("meta"):
         model = AutoencoderKL(cfg).eval().requires_grad_(False)
     f = cfg.downscale
     if cache_bytes is None:
-        cache_bytes = tiling.cache_needed(model, op, size, size, tile)
+        cache_bytes = engine.cache_needed(model, op, size, size, tile)
     opts = tiling.TileOptions(tile=tile, mode=mode, cache_bytes=cache_bytes, report=report)
     with torch.no_grad():
         if op == "decode":
             x = torch.empty(1, cfg.latent_channels, size // f, size // f, device="meta")
-            return _flops(lambda: tiling.decode(model, x, opts)) / _flops(lambda: model.decode(x))
+            return _flops(lambda: engine.decode(model, x, opts)) / _flops(lambda: model.decode(x))
         x = torch.empty(1, 3, size, size, device="meta")
-        return _flops(lambda: tiling.encode(model, x, opts)) / _flops(lambda: model.encode(x))
+        return _flops(lambda: engine.encode(model, x, opts)) / _flops(lambda: model.encode(x))
 
 
 def near(ratio: float, measured: float) -> bool:
@@ -65,7 +65,7 @@ def test_smaller_budgets_cost_more_but_degrade_gradually():
     """Half the full-speed cache costs 1.35×, none at all 10.7× (recomputing: the exact result, slowest)."""
     with torch.device("meta"):
         model = AutoencoderKL(FIXTURE)
-    need = tiling.cache_needed(model, "decode", 1024, 1024, 256)
+    need = engine.cache_needed(model, "decode", 1024, 1024, 256)
     full, half, none = (flop_ratio(FIXTURE, "decode", 1024, 256, c) for c in (need, need // 2, 0))
     assert near(full, 1.0710) and near(half, 1.3496) and near(none, 10.708), (full, half, none)
 
@@ -92,8 +92,8 @@ def test_report_accounts_for_the_tiled_flops():
 def test_cache_needed_scales_with_area():
     with torch.device("meta"):
         model = AutoencoderKL(FIXTURE)
-    a, b = (tiling.cache_needed(model, "decode", s, s, 256) for s in (1024, 2048))
+    a, b = (engine.cache_needed(model, "decode", s, s, 256) for s in (1024, 2048))
     assert 3.5 < b / a < 4.5
-    assert tiling.cache_needed(model, "decode", 256, 256, 256) == 0
+    assert engine.cache_needed(model, "decode", 256, 256, 256) == 0
     with pytest.raises(ValueError, match="op="):
-        tiling.cache_needed(model, "roundtrip", 256, 256, 64)
+        engine.cache_needed(model, "roundtrip", 256, 256, 64)

@@ -3,7 +3,7 @@
 
 * **float64**: CPU and CUDA have it. Apple's MPS and DirectML (``privateuseone``) have none; Intel XPUs report it per
   device (``has_fp64``). Where it is missing, the tiling engine accumulates its statistics in compensated float32 on
-  the device instead (:mod:`vae_core.groupnorm_stats`).
+  the device instead (:mod:`vae_core.tiling.stats`).
 * **bf16**: native only on NVIDIA GPUs of compute capability 8.0 or newer (Ampere, Ada, Hopper, Blackwell) and AMD
   GPUs with bf16 matrix units (CDNA2 ``gfx90a`` and later, RDNA3 ``gfx11``, RDNA4 ``gfx12``), judged for the device
   given, not the current one. ``torch.cuda.is_bf16_supported()`` counts *emulated* bf16 (slow on T4/V100/Turing)

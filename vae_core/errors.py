@@ -5,7 +5,7 @@ message to the user as is.
 """
 from __future__ import annotations
 
-__all__ = ["VaeError", "VaeLoadError", "VaeInputError", "NonFiniteOutputError"]
+__all__ = ["VaeError", "VaeLoadError", "VaeInputError", "NonFiniteOutputError", "Cancelled"]
 
 
 class VaeError(Exception):
@@ -32,3 +32,7 @@ class VaeInputError(VaeError, ValueError):
 
 class NonFiniteOutputError(VaeError, FloatingPointError):
     """encode/decode produced NaN or inf even in float32: the input itself is the cause (e.g. NaN latents)."""
+
+
+class Cancelled(VaeError):
+    """Raised between tiles (or attention chunks) when the cancel hook returns True."""

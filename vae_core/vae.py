@@ -1,5 +1,6 @@
 """The :class:`Vae` object every host, the CLI and the benchmark use: validated encode/decode with tiling, the OOM
-fallback, the NaN guard and precision handling around one :class:`~vae_core.model.AutoencoderKL`."""
+fallback, the NaN guard and precision handling around one family's network (``vae.family``: the
+:class:`~vae_core.families.base.Family` that built it, asked for everything family-specific)."""
 from __future__ import annotations
 
 import copy
@@ -9,11 +10,13 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from . import tiling
+from . import engine, tiling
 from .devices import check_available
 from .errors import VaeInputError
-from .model import AutoencoderKL, ModelConfig
-from .precision import DTYPE_NAMES, GuardState, fp16_fix_model, guarded, resolve_dtype
+from .families.base import Family
+from .families.registry import for_model
+from .precision.dtypes import DTYPE_NAMES, resolve_dtype
+from .precision.guard import GuardState, guarded
 
 __all__ = ["Vae", "VaeInfo", "ENCODE_RANGE_LIMIT"]
 
@@ -33,7 +36,8 @@ class VaeInfo:
         path: the file or folder given; ``weights_file`` the file the tensors came from.
         container: ``safetensors`` | ``pickle`` | ``diffusers-folder`` | ``state dict``.
         layout: key layout found, ``ldm`` or ``diffusers``; ``prefix`` the stripped full-checkpoint prefix.
-        family: ``sd1`` | ``sdxl`` | ``sd3`` | ``flux`` | ``custom``.
+        family: the latent family: ``sd1`` | ``sdxl`` | ``sd3`` | ``flux`` | ``flux2`` | ``qwen-image`` | ``taesd`` |
+            ... | ``custom`` (the network's family is ``Vae.family.name``: ``kl``, ``wan``, ``tiny``).
         latent_channels, scaling_factor, shift_factor: latent format (decode input = z / scale + shift).
         stored_dtype: dtype(s) of the tensors in the file; ``parameters``: parameter count.
         sources: where family/scaling/shift came from.
@@ -50,7 +54,7 @@ class VaeInfo:
     shift_factor: Optional[float]
     stored_dtype: str
     parameters: int
-    config: ModelConfig
+    config: Any
     sources: dict[str, str] = field(default_factory=dict)
     weights_file: str = ""
     fp16_fix: Optional[dict[str, float]] = None
@@ -62,20 +66,26 @@ class VaeInfo:
 
 
 class Vae:
-    """A loaded SD-family VAE.
+    """A loaded VAE: ``model`` (a family's network), ``info`` (what was loaded, :class:`VaeInfo`), ``family`` (the
+    :class:`~vae_core.families.base.Family` of ``model``) and ``guard`` (the NaN guard's memory).
 
     ``encode``: images ``[B, 3, H, W]`` in [-1, 1] → raw (unscaled) posterior means ``[B, C, H//8, W//8]``.
     ``decode``: raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]``, about [-1, 1], not clamped.
     Both return float32 on the model's device, check every output element for NaN/inf and retry in a wider dtype
     (bf16 where supported, then fp32) remembering what worked, and take ``tile=`` (None, ``"auto"`` or image px),
     ``mode=`` (``"exact"`` or ``"fast"``), ``cache_bytes=`` (``"auto"`` or an int: the tiled engine's checkpoint
-    budget, see :mod:`vae_core.tiling`) and ``report=`` (a :class:`~vae_core.tiling.TileReport` to fill in).
+    budget, see :mod:`vae_core.tiling.cache`) and ``report=`` (a :class:`~vae_core.tiling.TileReport` to fill in).
     """
 
-    def __init__(self, model: AutoencoderKL, info: VaeInfo) -> None:
+    def __init__(self, model: torch.nn.Module, info: VaeInfo) -> None:
         self.model = model
         self.info = info
         self.guard = GuardState()
+
+    @property
+    def family(self) -> Family:
+        """The family of :attr:`model` (``kl``, ``wan``, ``tiny``): its latent format, fp16 fix and tiling plan."""
+        return for_model(self.model)
 
     # -- placement -------------------------------------------------------------------------------------------
     @property
@@ -93,7 +103,7 @@ class Vae:
 
         ``vae.to("cuda")``, ``vae.to(torch.float16)``, ``vae.to("cuda", torch.float16)``, ``vae.to("fp16")``,
         ``vae.to(torch.device("cpu"))``, ``vae.to(tensor)`` (its device and dtype), ``vae.to(device=..., dtype=...)``.
-        A string is a dtype when it is one of :data:`~vae_core.precision.DTYPE_NAMES` (``"fp16"``, ``"bf16"``,
+        A string is a dtype when it is one of :data:`~vae_core.precision.dtypes.DTYPE_NAMES` (``"fp16"``, ``"bf16"``,
         ``"fp32"``, ``"float16"``, ..., ``"auto"``: bf16 where supported, fp16 with the fp16 fix on CUDA without
         bf16, fp32 on CPU) and a device otherwise (``"cpu"``, ``"cuda:0"``).
 
@@ -131,7 +141,7 @@ class Vae:
             self.model.to(device=dev)
         if dtype is not None:
             target, needs_fix = resolve_dtype(dtype, self.device)
-            if needs_fix and self.info.fp16_fix is None and not hasattr(self.model.config, "has_decoder"):
+            if needs_fix and self.info.fp16_fix is None and self.family.fp16_fix is not None:
                 self._apply_fix(None)
             if target != self.dtype:
                 self.guard.working_dtype = None  # the user asked for another precision: forget the fallback
@@ -139,16 +149,12 @@ class Vae:
         return self
 
     def _apply_fix(self, sample: Optional[torch.Tensor]) -> None:
-        from .model_wan import WanImageVAE
-        from .precision_wan import fp16_fix_wan
-
-        if not isinstance(self.model, (AutoencoderKL, WanImageVAE)):
+        fix = self.family.fp16_fix
+        if fix is None:
             raise VaeInputError(f"fp16 fix for a {type(self.model).__name__} ({self.info.family}): the fix rescales "
                                 "a GroupNorm- or RMS-norm-normalised residual stream; expected an AutoencoderKL or "
-                                "Qwen-Image's VAE (a tiny autoencoder has no normalisation and small activations in "
-                                "its main stream, TAEF2's GroupNorms sit in side branches: run it in fp16 as it is)")
+                                f"Qwen-Image's VAE ({self.family.no_fp16_fix})")
         dtype = self.dtype
-        fix = fp16_fix_wan if isinstance(self.model, WanImageVAE) else fp16_fix_model
         source = self.model
         if self.guard.pristine is not None:  # fix the weights as loaded, not a NaN guard retry's rounded copy
             source = copy.deepcopy(self.model)
@@ -169,21 +175,13 @@ class Vae:
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents → diffusion-model space: ``(z - shift) * scale``; for Flux.2 (``config.latent_bn``) the
         latents patchified 2×2 and standardised by the VAE's BatchNorm statistics: ``[B, C, h, w]`` →
-        ``[B, 4C, h/2, w/2]``."""
-        if getattr(self.model, "bn", None) is not None:
-            return self.model.bn.normalize(z)
-        if hasattr(self.model, "latents_std"):  # Qwen-Image: per-channel statistics
-            return self.model.normalize(z)
-        return (z - (self.info.shift_factor or 0.0)) * self.info.scaling_factor
+        ``[B, 4C, h/2, w/2]``; for Qwen-Image per-channel ``(z - latents_mean) / latents_std``."""
+        return self.family.scale_latents(self.model, self.info, z)
 
     def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Diffusion-model space → raw latents: ``z / scale + shift``; for Flux.2 the inverse of the BatchNorm
         standardisation and patchify (``[B, 4C, h, w]`` → ``[B, C, 2h, 2w]``)."""
-        if getattr(self.model, "bn", None) is not None:
-            return self.model.bn.denormalize(z)
-        if hasattr(self.model, "latents_std"):
-            return self.model.denormalize(z)
-        return z / self.info.scaling_factor + (self.info.shift_factor or 0.0)
+        return self.family.unscale_latents(self.model, self.info, z)
 
     # -- encode / decode -------------------------------------------------------------------------------------
     def _check(self, t: object, name: str, channels: int, min_side: int) -> torch.Tensor:
@@ -201,7 +199,7 @@ class Vae:
                                 "input is broken before the VAE, e.g. NaN latents from the sampler)")
         return t
 
-    def _call(self, what: str, t: torch.Tensor, fn: Callable[[AutoencoderKL, torch.Tensor, tiling.TileOptions],
+    def _call(self, what: str, t: torch.Tensor, fn: Callable[[torch.nn.Module, torch.Tensor, tiling.TileOptions],
               torch.Tensor], opts: tiling.TileOptions) -> torch.Tensor:
         base = self.guard.working_dtype or self.dtype
 
@@ -237,7 +235,7 @@ class Vae:
                                 "and shifted by -1 first)")
         opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
                                   report=report)
-        return self._call("encode", x, tiling.encode, opts)
+        return self._call("encode", x, engine.encode, opts)
 
     def decode(self, z: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
                progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,
@@ -246,7 +244,7 @@ class Vae:
         z = self._check(z, "decode input", self.info.latent_channels, 1)
         opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
                                   report=report)
-        return self._call("decode", z, tiling.decode, opts)
+        return self._call("decode", z, engine.decode, opts)
 
     def __repr__(self) -> str:
         i = self.info

@@ -1,13 +1,14 @@
 """Hooks on A1111's ``first_stage_model`` (ldm ``AutoencoderKL`` or sgm's wrapper; both have encoder/decoder).
 
-* :func:`engine` — the vae_core engine on A1111's own tensors (:class:`vae_core.attach.HostEngine`: a meta-device
+* :func:`engine` — the vae_core engine on A1111's own tensors (:class:`vae_core.hosts.attach.HostEngine`: a meta-device
   skeleton pointed at the first stage's current parameters for each call), so it costs no memory and follows
   ``load_state_dict`` and ``.to()``.
 * :func:`install_tiled` / :func:`restore_tiled` — swap ``encoder.forward``/``decoder.forward`` for the vae_core
   tiled engine during processing, and put back exactly what was there.
 * :func:`install_guard` — whole-tensor NaN check on ``first_stage_model.encode``/``decode``; retries in bf16 (where
   native) then fp32, and sets ``devices.dtype_vae`` like A1111's own retry does.
-* :func:`apply_fp16_fix` — rescale the weights in place (GroupNorm eps too) when the VAE runs in fp16.
+* :func:`apply_fp16_fix` — rescale the weights in place (GroupNorm eps too) when the VAE runs in fp16
+  (:mod:`vae_core.hosts.fp16_inplace`).
 """
 from __future__ import annotations
 
@@ -18,17 +19,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from vae_core import engine as vae_engine
 from vae_core import tiling
-from vae_core.attach import HostEngine
-from vae_core.precision import GuardState, fp16_fix_model, guarded
+from vae_core.hosts import fp16_inplace
+from vae_core.hosts.attach import HostEngine
+from vae_core.hosts.fp16_inplace import is_fixed, undo_fp16_fix_eps  # noqa: F401 - script.py and tests use them here
+from vae_core.hosts.guard import guard_methods
 
 log = logging.getLogger(__name__)
 
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, HostEngine]" = weakref.WeakKeyDictionary()
-
-
-def _norms(module: nn.Module) -> dict[str, nn.GroupNorm]:
-    return {n: m for n, m in module.named_modules() if isinstance(m, nn.GroupNorm)}
 
 
 def engine(fsm: nn.Module) -> HostEngine:
@@ -61,12 +61,12 @@ def install_tiled(fsm: nn.Module, encoder_tile: Any, decoder_tile: Any, mode: st
     def encoder_forward(x: torch.Tensor) -> torch.Tensor:
         opts = tiling.TileOptions(tile=encoder_tile or "auto", mode=mode, cancel=_raised_during_call(cancel))
         with engine(fsm).attached() as vae:
-            return tiling.encoder_forward(vae.model, x, opts)
+            return vae_engine.encoder_forward(vae.model, x, opts)
 
     def decoder_forward(z: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
         opts = tiling.TileOptions(tile=decoder_tile or "auto", mode=mode, cancel=_raised_during_call(cancel))
         with engine(fsm).attached() as vae:
-            return tiling.decoder_forward(vae.model, z, opts)
+            return vae_engine.decoder_forward(vae.model, z, opts)
 
     fsm.encoder.forward = encoder_forward
     fsm.decoder.forward = decoder_forward
@@ -118,27 +118,10 @@ def install_guard(fsm: nn.Module, devices: Any) -> None:
     """Whole-output NaN/inf check with bf16/fp32 retry on ``fsm.encode`` and ``fsm.decode`` (idempotent)."""
     if getattr(fsm, "_vae_pack_guard", None) is not None:
         return
-    state = GuardState()
-    for name in ("encode", "decode"):
-        original = getattr(fsm, name)
-
-        def call(x: torch.Tensor, *args: Any, _orig: Callable = original, _what: str = name, **kw: Any) -> Any:
-            box: dict[str, Any] = {}
-
-            def run(dtype: torch.dtype) -> torch.Tensor:
-                if next(fsm.parameters()).dtype != dtype:
-                    state.cast(fsm, dtype)  # from the weights as loaded, never a rounded retry's
-                    devices.dtype_vae = dtype  # A1111 casts the next inputs to this
-                box["out"] = _orig(x.to(dtype), *args, **kw)
-                return _tensor_of(box["out"])
-
-            dtype = next(fsm.parameters()).dtype
-            guarded(run, dtype, x.device, state, f"VAE {_what}",
-                    lambda: f"{_what} input range [{float(x.min()):.4g}, {float(x.max()):.4g}]")
-            return box["out"]
-
-        setattr(fsm, name, call)
-    fsm._vae_pack_guard = state
+    fsm._vae_pack_guard = guard_methods(
+        fsm, ("encode", "decode"), lambda: fsm, dtype_now=lambda: next(fsm.parameters()).dtype,
+        set_dtype=lambda d: setattr(devices, "dtype_vae", d),  # A1111 casts the next inputs to this
+        device=lambda x: x.device, remember=False, output=_tensor_of, inputs_in_dtype=True)
 
 
 def remove_guard(fsm: nn.Module) -> None:
@@ -147,44 +130,7 @@ def remove_guard(fsm: nn.Module) -> None:
         fsm.__dict__.pop("decode", None)
 
 
-def _fingerprint(fsm: nn.Module) -> torch.Tensor:
-    """Per-parameter sums of absolute values, in float32 on the CPU: any reload of other (e.g. un-fixed) weights
-    changes the sum of every tensor the fix rescaled, whichever segments kept factor 1."""
-    with torch.no_grad():
-        return torch.stack([p.detach().float().abs().sum() for p in fsm.parameters()]).cpu()
-
-
-def is_fixed(fsm: nn.Module) -> bool:
-    """Whether the fp16 fix was applied to exactly the weights ``fsm`` holds now."""
-    stamp = fsm.__dict__.get("_vae_pack_fixed")
-    return isinstance(stamp, torch.Tensor) and torch.equal(stamp, _fingerprint(fsm))
-
-
 def apply_fp16_fix(fsm: nn.Module) -> Optional[tuple[float, float]]:
-    """Rescale ``fsm`` in place so fp16 does not overflow (same outputs). Skips if already applied to these
-    weights; resets eps first when A1111 reloaded the weights since. Returns (peak_before, peak_after) or None."""
-    norms = _norms(fsm)
-    for m in norms.values():
-        m.__dict__.setdefault("_vae_pack_eps0", m.eps)
-    if is_fixed(fsm):
-        return None
-    for m in norms.values():
-        m.eps = m._vae_pack_eps0
-    host = engine(fsm)
-    with host.attached() as vae, torch.no_grad():
-        fixed, before, after = fp16_fix_model(vae.model)
-        mine = dict(fixed.named_parameters())
-        for key, p in vae.model.named_parameters():  # aliases of A1111's tensors: written in place
-            p.copy_(mine[key].to(p.dtype))
-    host.set_host_eps(fixed)
-    fsm._vae_pack_fixed = _fingerprint(fsm)
-    log.info("VAE pack fp16 fix: largest activation %.4g -> %.4g", before, after)
-    return before, after
-
-
-def undo_fp16_fix_eps(fsm: nn.Module) -> None:
-    """Put back the stock eps (used when the fix is switched off; A1111 reloads the weights)."""
-    for m in _norms(fsm).values():
-        if "_vae_pack_eps0" in m.__dict__:
-            m.eps = m._vae_pack_eps0
-    fsm.__dict__.pop("_vae_pack_fixed", None)
+    """Rescale ``fsm`` in place so fp16 does not overflow (same outputs); None when already applied to these weights
+    (:func:`vae_core.hosts.fp16_inplace.apply_fp16_fix`)."""
+    return fp16_inplace.apply_fp16_fix(fsm, engine(fsm))

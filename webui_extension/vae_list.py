@@ -20,9 +20,9 @@ from types import ModuleType
 from typing import Any, Callable
 
 from vae_core.errors import VaeLoadError
-from vae_core.formats import DIFFUSERS_NAMES, find_diffusers_folder
-from vae_core.loading import ldm_state_dict_from_file
-from vae_core.walk import walk_model_dirs
+from vae_core.io.formats import DIFFUSERS_NAMES, find_diffusers_folder
+from vae_core.loading import kl_family_of, ldm_state_dict_from_file
+from vae_core.io.walk import walk_model_dirs
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,13 @@ def check_sd_family(sd: dict, filename: str) -> None:
     Raises:
         VaeLoadError: e.g. a Flux.2 VAE (32 latent channels, latent BatchNorm statistics).
     """
-    if "bn.running_mean" in sd or "bn.running_var" in sd:
+    cfg, family = kl_family_of(sd, filename)  # the core's one family detector
+    if family == "flux2" or cfg.latent_bn:
         raise VaeLoadError(filename, "a Flux.2 VAE (32 latent channels, latent BatchNorm statistics)",
                            "an SD-family VAE (SD1/2, SDXL: 4 latent channels) for A1111's SD VAE setting; use Flux.2 "
                            "VAEs with ComfyUI or `python -m vae_core`")
-    conv_in = sd.get("decoder.conv_in.weight")
-    if conv_in is not None and conv_in.ndim == 4 and int(conv_in.shape[1]) not in (4, 16):
-        raise VaeLoadError(filename, f"a VAE with {int(conv_in.shape[1])} latent channels",
+    if cfg.latent_channels not in (4, 16):
+        raise VaeLoadError(filename, f"a VAE with {cfg.latent_channels} latent channels",
                            "4 (SD1/2, SDXL) or 16 (SD3) latent channels for A1111's SD VAE setting")
 
 

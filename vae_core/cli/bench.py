@@ -1,0 +1,104 @@
+"""``python -m vae_core bench``: time, memory, fidelity and FLOPs of untiled, tiled-exact, tiled-fast and diffusers
+calls, each run in a fresh worker process (:mod:`vae_core.lab.bench`), printed as a Markdown table."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+from ..lab.bench import flop_ratio, measure
+from ..lab.metrics import signed_psnr as psnr, snr
+from ..precision.dtypes import HOST_CHOICES
+from .args import cache_arg, device_arg
+
+__all__ = ["cmd_bench", "add_bench_parser"]
+
+
+def _fmt_mem(b: Optional[float]) -> str:
+    return "-" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..loading import load_vae
+
+    device = args.device
+    sizes = args.size or ([1024, 2048, 4096] if device == "cuda" else [256, 512])
+    try:
+        import diffusers  # noqa: F401
+        have_diffusers = True
+    except ImportError:
+        have_diffusers = False
+    from ..families.kl.model import ModelConfig
+    from ..families.registry import for_config
+
+    label = args.vae or "random-weight SD-width AutoencoderKL (83.7 M params)"
+    config = load_vae(args.vae).model.config if args.vae else ModelConfig()  # fails early with a clear error
+    machine = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {os.cpu_count()} threads"
+    print(f"# vae_core bench: {label}; {args.dtype} on {machine}; torch {torch.__version__}; tile {args.tile} px; "
+          f"cache {args.cache_bytes}; median of {args.runs} run(s)")
+    mem_label = "peak alloc" if device == "cuda" else "peak RSS"
+    print(f"| op | size | implementation | time (s) | time vs untiled | {mem_label} | fidelity vs untiled | "
+          "FLOPs vs untiled | sweeps | halo / recompute FLOPs | cache used |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for op in args.op:
+            for size in sizes:
+                impls = [("untiled", None), ("vae_core exact", "exact"), ("vae_core fast", "fast")]
+                if have_diffusers and for_config(config).name == "kl":  # diffusers' network: AutoencoderKL only
+                    impls += [("diffusers untiled", None), ("diffusers tiled", None)]
+                ref, t_ref = None, None
+                for name, mode in impls:
+                    impl = {"untiled": "untiled", "diffusers untiled": "diffusers-untiled",
+                            "diffusers tiled": "diffusers"}.get(name, "ours")
+                    out = os.path.join(tmp, f"{op}{size}{impl}{mode}.safetensors")
+                    spec = {"op": op, "size": size, "impl": impl, "mode": mode or "exact", "tile": args.tile,
+                            "dtype": args.dtype, "device": device, "runs": args.runs, "vae": args.vae, "out": out,
+                            "cache_bytes": args.cache_bytes, "channels_last": args.channels_last}
+                    res = measure(spec)
+                    if res["status"] != "ok":
+                        print(f"| {op} | {size}² | {name} | {res['status']} {res.get('error', '')} | | | | | | | |",
+                              flush=True)
+                        continue
+                    from safetensors.torch import load_file
+
+                    y = load_file(out)["out"]
+                    if ref is None and impl == "untiled":
+                        ref, fid = y, "reference"
+                    elif ref is None:
+                        fid = "-"
+                    else:
+                        fid = f"{psnr(ref, y):.1f} dB PSNR" if op == "decode" else f"{snr(ref, y):.1f} dB SNR"
+                    if impl == "untiled":
+                        t_ref = res["seconds"]
+                    ratio = flop_ratio(config, op, size, impl, args.tile, mode or "exact", args.cache_bytes)
+                    rep = res.get("report") or {}
+                    total = sum(rep.get(k, 0) for k in ("flops_useful", "flops_halo", "flops_recompute"))
+                    shares = (f"{100 * rep['flops_halo'] / total:.1f} % / {100 * rep['flops_recompute'] / total:.1f} %"
+                              if total else "-")
+                    t_ratio = f"{res['seconds'] / t_ref:.2f}×" if t_ref else "-"
+                    f_ratio = "-" if ratio is None else f"{ratio:.2f}×"
+                    cache = _fmt_mem(rep["cache_peak"]) if rep else "-"
+                    if rep.get("pinned_peak"):
+                        cache += f" ({_fmt_mem(rep['pinned_peak'])} pinned)"
+                    print(f"| {op} | {size}² | {name} | {res['seconds']:.3f} | {t_ratio} | "
+                          f"{_fmt_mem(res['peak_bytes'])} | {fid} | {f_ratio} | {rep.get('sweeps', '-')} | {shares} | "
+                          f"{cache} |", flush=True)
+    return 0
+
+
+def add_bench_parser(sub: Any) -> None:
+    s = sub.add_parser("bench", help="time/memory/fidelity table: untiled vs our tiled vs diffusers' tiled")
+    s.add_argument("--size", type=int, nargs="+", help="image edges (default 1024 2048 4096 on CUDA, 256 512 on CPU)")
+    s.add_argument("--dtype", default="fp32", choices=list(HOST_CHOICES))
+    s.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--vae", default=None, help="VAE to benchmark (default: random-weight SD-width model)")
+    s.add_argument("--tile", type=int, default=256, help="tile edge in image px (ours and diffusers')")
+    s.add_argument("--op", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
+    s.add_argument("--runs", type=int, default=1)
+    s.add_argument("--channels-last", action="store_true", help="our calls on channels-last activations")
+    s.add_argument("--cache-bytes", type=cache_arg, default="auto",
+                   help="exact tiling's cache budget in bytes, or 'auto' (default: a share of free memory)")
+    s.set_defaults(fn=cmd_bench)

@@ -1,0 +1,55 @@
+"""The registry of VAE families: to add a family, write its folder (``model.py``, ``convert.py``, ``family.py``
+implementing :class:`~vae_core.families.base.Family`) and add its instance to :data:`REGISTRY`.
+
+Detection asks each family in order whether it recognises a state dict; the kl family comes last and, when no family
+recognises the keys, names what it found (its converter's error lists the keys a VAE would have).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import VaeInputError
+from .base import Family
+from .kl.family import KL
+from .tiny.family import TINY
+from .wan.family import WAN
+
+__all__ = ["REGISTRY", "detect", "for_model", "for_config", "by_name"]
+
+#: Every family, in detection order (the most specific key patterns first).
+REGISTRY: tuple[Family, ...] = (TINY, WAN, KL)
+
+
+def detect(sd: Mapping[str, torch.Tensor]) -> Family:
+    """The family whose keys ``sd`` holds (any layout, maybe under a checkpoint prefix); the kl family when none
+    does: its :meth:`~Family.canonical` then raises the descriptive error."""
+    return next((f for f in REGISTRY if f.recognises(sd)), KL)
+
+
+def _find(value: Any, attr: str, what: str) -> Family:
+    for f in REGISTRY:
+        if isinstance(value, getattr(f, attr)):
+            return f
+    raise VaeInputError(f"a {type(value).__name__}: no VAE family has this {what}; expected one of "
+                        f"{[getattr(f, attr).__name__ for f in REGISTRY]}")
+
+
+def for_model(model: nn.Module) -> Family:
+    """The family of a built network, by its class (VaeInputError: no family builds it)."""
+    return _find(model, "network", "network")
+
+
+def for_config(config: Any) -> Family:
+    """The family of a network config (``ModelConfig``, ``WanConfig``, ``TinyConfig``; VaeInputError: none)."""
+    return _find(config, "config_type", "config")
+
+
+def by_name(name: str) -> Family:
+    """The family called ``name`` (``"kl"``, ``"wan"``, ``"tiny"``)."""
+    for f in REGISTRY:
+        if f.name == name:
+            return f
+    raise VaeInputError(f"family {name!r}: unknown; expected one of {[f.name for f in REGISTRY]}")

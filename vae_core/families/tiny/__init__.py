@@ -1,0 +1,1 @@
+"""The tiny family: TAESD-design autoencoders (network, key layouts, :mod:`.family`)."""

@@ -1,0 +1,57 @@
+"""The training-free fp16 fix for Qwen-Image's VAE (Wan 2.1 design): the same idea as :mod:`vae_core.families.kl.fp16_fix`,
+with the RMS norm's scale invariance (``normalize(s·x) = normalize(x)`` for ``s > 0``) in place of GroupNorm's.
+
+Every read of the residual stream goes through an RMS norm except the residual adds, the 1×1 shortcuts and the
+resamplers, so the whole stream of the encoder (and, separately, of the decoder) can be multiplied by one power of
+two ``s`` by rescaling what writes into it: ``conv1`` (conv_in) weight and bias, each residual block's last conv,
+each attention block's ``proj``, and the biases of the shortcuts and resamplers (their input is already scaled).
+Each residual block's first conv feeds only an RMS norm and takes a free factor of its own. The heads start with an RMS norm, so
+the outputs are unchanged; in fp32 the rescaled model computes the same function to rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .model import AttentionBlock, Resample, ResidualBlock, WanImageVAE
+from ...precision.calibrate import FIX_TARGET, fix_copy, pow2_down, scale_conv
+
+__all__ = ["rescale_wan_stream", "fp16_fix_wan"]
+
+
+@torch.no_grad()
+def rescale_wan_stream(side: nn.Module, s: float, conv1_factors: Optional[dict[ResidualBlock, float]] = None) -> None:
+    """Multiply ``side``'s (``model.encoder`` or ``model.decoder``) residual stream by ``s`` in place."""
+    scale_conv(side.conv1, s, s)
+    blocks = list(side.downsamples if hasattr(side, "downsamples") else side.upsamples) + list(side.middle)
+    for m in blocks:
+        if isinstance(m, ResidualBlock):
+            scale_conv(m.residual[6], s, s)
+            if isinstance(m.shortcut, nn.Conv3d):  # reads the scaled stream: only its bias needs the factor
+                scale_conv(m.shortcut, 1.0, s)
+            c = (conv1_factors or {}).get(m, 1.0)
+            scale_conv(m.residual[2], c, c)
+        elif isinstance(m, AttentionBlock):
+            scale_conv(m.proj, s, s)
+        elif isinstance(m, Resample):
+            scale_conv(m.resample[1], 1.0, s)
+
+
+def fp16_fix_wan(model: WanImageVAE, sample: Optional[torch.Tensor] = None, target: float = FIX_TARGET
+                 ) -> tuple[WanImageVAE, float, float]:
+    """A rescaled fp32 copy of ``model`` whose stream peaks on ``sample`` are ≤ ``target``.
+
+    Returns:
+        ``(new_model, peak_before, peak_after)``: largest |module output| before and after, on the same input.
+    """
+    def rescale(fixed: nn.Module, before: dict[nn.Module, float]) -> None:
+        for side in (fixed.encoder, fixed.decoder):
+            stream = [side.conv1, *(side.downsamples if side is fixed.encoder else side.upsamples), *side.middle]
+            peak = max(before.get(m, 0.0) for m in stream)
+            conv1 = {m: pow2_down(before.get(m.residual[2], 0.0), target) for m in stream
+                     if isinstance(m, ResidualBlock)}
+            rescale_wan_stream(side, pow2_down(peak, target), conv1)
+
+    return fix_copy(model, sample, rescale)
