@@ -2,8 +2,8 @@
 
 * :func:`to_comfy_vae` builds ComfyUI's own ``comfy.sd.VAE`` from a vae_core Vae (LDM keys), so every core node and
   other pack sees a native VAE (no subclass, no duck typing that core changes could break).
-* :func:`engine_for` gives the vae_core engine for ANY incoming ComfyUI VAE: a :class:`~vae_core.hosts.attach.HostEngine`
-  that runs on the ComfyUI VAE's own parameters (no second copy), cached weakly per VAE object.
+* :func:`engine_for` gives the vae_core engine for ANY incoming ComfyUI VAE: a
+  :class:`~vae_core.hosts.attach.HostEngine` that runs on the ComfyUI VAE's own parameters (no second copy), cached weakly per VAE object.
 * :func:`run_engine` loads the VAE through ComfyUI's model management (``load_models_gpu`` with its patcher and the
   engine's memory estimate), so ComfyUI accounts for, offloads and reuses it like after its own VAE Decode.
 * :func:`guard_comfy_vae` wraps one ComfyUI VAE instance's encode/decode with vae_core's whole-tensor NaN guard.
@@ -144,7 +144,8 @@ def run_engine(cvae: Any, fn: Callable[[Vae, Optional[int]], torch.Tensor], imag
 
     ``image_shape`` is ``(batch, height, width)`` of the images decoded or encoded; ``tile`` an edge in px, None
     (untiled) or ``"auto"``. For ``"auto"`` the call is planned against the device's *total* usable memory first
-    (:func:`vae_core.tiling.memory.plan_call`): untiled only where it fits at all, else the largest tile that fits. Model
+    (:func:`vae_core.tiling.memory.plan_call`): untiled only where it fits at all, else the largest tile that fits.
+    Model
     management is then asked for the working set of the call that will really run, so it evicts the UNet and text
     encoders only when that buys an untiled call (a 4K decode on a 12 GB card tiles anyway and evicts nothing it need
     not). The whole VAE is loaded (the engine runs plain modules on the loaded weights).

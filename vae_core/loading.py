@@ -13,7 +13,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from .errors import VaeInputError, VaeLoadError
-from .families.base import Canonical, Family, LatentFormat, LoadRequest, build_exact, check_tensors, count_parameters, weights_note
+from .families.base import (Canonical, Family, LatentFormat, LoadRequest, build_exact, check_tensors, count_parameters,
+                            weights_note)
 from .families.kl.family import KL
 from .families.registry import detect
 from .families.scaling import check_factor
@@ -22,7 +23,8 @@ from .io.formats import DIFFUSERS_NAMES, RawWeights, check_tensor_kinds, read_in
 from .precision.dtypes import parse_dtype
 from .vae import Vae, VaeInfo
 
-__all__ = ["load_vae", "save_vae", "ldm_state_dict_from_file", "kl_family_of", "vae_from_state_dict", "parse_dtype", "check_tensors"]
+__all__ = ["load_vae", "save_vae", "ldm_state_dict_from_file", "kl_family_of", "vae_from_state_dict", "parse_dtype",
+           "check_tensors"]
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Hooks on A1111's ``first_stage_model`` (ldm ``AutoencoderKL`` or sgm's wrapper; both have encoder/decoder).
 
-* :func:`engine` — the vae_core engine on A1111's own tensors (:class:`vae_core.hosts.attach.HostEngine`: a meta-device
-  skeleton pointed at the first stage's current parameters for each call), so it costs no memory and follows
-  ``load_state_dict`` and ``.to()``.
+* :func:`engine` — the vae_core engine on A1111's own tensors (:class:`vae_core.hosts.attach.HostEngine`: a
+  meta-device skeleton pointed at the first stage's current parameters for each call), so it costs no memory and
+  follows ``load_state_dict`` and ``.to()``.
 * :func:`install_tiled` / :func:`restore_tiled` — swap ``encoder.forward``/``decoder.forward`` for the vae_core
   tiled engine during processing, and put back exactly what was there.
 * :func:`install_guard` — whole-tensor NaN check on ``first_stage_model.encode``/``decode``; retries in bf16 (where

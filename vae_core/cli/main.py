@@ -55,7 +55,8 @@ def _family(value: str) -> str:
 
 
 def _add_run_args(p: argparse.ArgumentParser, vae_required: bool = False) -> None:
-    p.add_argument("--vae", required=vae_required, help="VAE file or diffusers folder (default: the bundled kl-f8 test VAE; roundtrip: the bundled TAEF2)")
+    p.add_argument("--vae", required=vae_required, help="VAE file or diffusers folder (default: the bundled kl-f8 test VAE; roundtrip: the "
+                   "bundled TAEF2)")
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=[*HOST_CHOICES, "auto"])
     p.add_argument("--fp16-fix", action="store_true", help="apply the training-free fp16 fix before running")

@@ -172,8 +172,8 @@ def measure(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     """Run ``spec`` in a fresh worker process and return its result dict."""
     root = Path(__file__).resolve().parents[2]  # the folder holding vae_core/
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "vae_core.lab.bench", "--worker", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    proc = subprocess.run([sys.executable, "-m", "vae_core.lab.bench", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         return {"status": "error", "error": tail[0]}

@@ -64,7 +64,7 @@ def roundtrip(vae: Vae, x: torch.Tensor, tile: Optional[int], mode: str = "exact
 
     Each call is tried in the VAE's own dtype: the guard's remembered fallback is set aside for the call and put
     back afterwards, and after a fallback (or a failure) the VAE is cast back to its dtype, from the weights as
-    loaded (the guard keeps them before a rounding retry such as fp16 → bf16: :class:`~vae_core.precision.GuardState`),
+    loaded (the guard keeps them before a rounding retry such as fp16 → bf16: :class:`~vae_core.precision.guard.GuardState`),
     so the next call sees exactly the same weights."""
     dtype, remembered = vae.dtype, vae.guard.working_dtype
     used = []

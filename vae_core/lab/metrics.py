@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "signed_psnr", "snr", "ssim", "ms_ssim", "MS_SSIM_WEIGHTS", "MS_SSIM_MIN_SIDE", "SSIM_MIN_SIDE", "heatmap", "to_unit"]
+__all__ = ["psnr", "signed_psnr", "snr", "ssim", "ms_ssim", "MS_SSIM_WEIGHTS", "MS_SSIM_MIN_SIDE", "SSIM_MIN_SIDE",
+           "heatmap", "to_unit"]
 
 #: MS-SSIM's per-scale exponents (Wang, Simoncelli & Bovik 2003, Table 1).
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)

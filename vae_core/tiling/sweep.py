@@ -4,8 +4,8 @@ How it stays exact where other tilers drift:
 
 * **Low resolution untiled.** The decoder's conv_in, mid block (global attention, query-chunked) and lowest level,
   and the encoder's lowest level and head, run on the whole tensor at latent resolution (1/64 of the pixels).
-* **Exact halos, per segment.** The tiled stages are a list of segments (a family's, e.g. :mod:`vae_core.families.kl.segments`), each starting
-  at a GroupNorm. Each tile's windows are derived backwards from its core through every segment, and each 3×3 conv
+* **Exact halos, per segment.** The tiled stages are a list of segments (a family's:
+  :mod:`vae_core.families.kl.segments`), each starting at a GroupNorm. Each tile's windows are derived backwards from its core through every segment, and each 3×3 conv
   is computed "valid" inside the image (zero-padded only at the image border), so a window shrinks by one pixel
   per conv and no pixel is computed that the core does not need.
 * **Exact whole-image GroupNorm statistics** (``mode="exact"``). Output quality is very sensitive to these (on the

@@ -1,5 +1,5 @@
-"""The training-free fp16 fix for Qwen-Image's VAE (Wan 2.1 design): the same idea as :mod:`vae_core.families.kl.fp16_fix`,
-with the RMS norm's scale invariance (``normalize(s·x) = normalize(x)`` for ``s > 0``) in place of GroupNorm's.
+"""The training-free fp16 fix for Qwen-Image's VAE (Wan 2.1 design): the same idea as
+:mod:`vae_core.families.kl.fp16_fix`, with the RMS norm's scale invariance (``normalize(s·x) = normalize(x)`` for ``s > 0``) in place of GroupNorm's.
 
 Every read of the residual stream goes through an RMS norm except the residual adds, the 1×1 shortcuts and the
 resamplers, so the whole stream of the encoder (and, separately, of the decoder) can be multiplied by one power of
