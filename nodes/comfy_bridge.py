@@ -30,6 +30,8 @@ from ..vae_core.tiling.memory import estimate_bytes, plan_call, tile_bytes
 log = logging.getLogger(__name__)
 
 _ENGINES: "weakref.WeakKeyDictionary[Any, HostEngine]" = weakref.WeakKeyDictionary()
+#: the tile (image px) an ``"auto"`` video call runs with in ComfyUI
+VIDEO_AUTO_TILE = 512
 
 
 class EngineFirstStage(torch.nn.Module):
@@ -139,7 +141,7 @@ def engine_for(cvae: Any) -> HostEngine:
 
 
 def run_engine(cvae: Any, fn: Callable[[Vae, Optional[int]], torch.Tensor], image_shape: tuple[int, int, int],
-               tile: Any) -> torch.Tensor:
+               tile: Any, video: Optional[tuple[str, int]] = None) -> torch.Tensor:
     """Run ``fn(vae, tile)`` on the engine of ``cvae`` after ComfyUI's model management has loaded the VAE.
 
     ``image_shape`` is ``(batch, height, width)`` of the images decoded or encoded; ``tile`` an edge in px, None
@@ -149,12 +151,20 @@ def run_engine(cvae: Any, fn: Callable[[Vae, Optional[int]], torch.Tensor], imag
     management is then asked for the working set of the call that will really run, so it evicts the UNet and text
     encoders only when that buys an untiled call (a 4K decode on a 12 GB card tiles anyway and evicts nothing it need
     not). The whole VAE is loaded (the engine runs plain modules on the loaded weights).
+
+    ``video``: ``(kind, pixel frames)`` of a video call; its working set is the family's streamed estimate
+    (:meth:`~vae_core.families.wan.family.WanFamily.video_working_set`), and ``"auto"`` means 512-px tiles (the
+    streamed working set does not grow with the frame count, so the default tile fits any clip that an image of
+    the frame size fits).
     """
     engine = engine_for(cvae)
     model = engine.vae.model
     dtype = engine.vae.guard.working_dtype or getattr(cvae, "vae_dtype", torch.float32)
     batch, height, width = image_shape
-    if tile == "auto":
+    if video is not None:
+        tile = VIDEO_AUTO_TILE if tile == "auto" else tile
+        need = engine.vae.family.video_working_set(model, video[0], video[1], height, width, tile, dtype)["total"]
+    elif tile == "auto":
         device = getattr(cvae, "device", None) or mm.get_torch_device()
         weights = mm.module_size(cvae.first_stage_model) if hasattr(mm, "module_size") else 0
         reserved = mm.extra_reserved_memory() if hasattr(mm, "extra_reserved_memory") else 0

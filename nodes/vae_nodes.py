@@ -111,19 +111,21 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, im
 
     Returns ``(tensor, note, ran_engine)``: the engine's output (raw latents, or images ``[B, 3, H, W]`` in about
     -1..1) when ``ran_engine``, else ``fallback()``'s, already in ComfyUI's conventions (IMAGE / raw latents)."""
-    video = getattr(vae, "latent_dim", 2) == 3  # e.g. core's Wan VAE for Qwen-Image: latents [B, C, T, h, w]
+    video = getattr(vae, "latent_dim", 2) == 3  # core's Wan VAEs (and Qwen-Image's): latents [B, C, T, h, w]
     try:
+        if video and not engine_for(vae).vae.family.video:
+            raise VaeLoadError("latent", f"video latents of shape {tuple(t.shape)}", "a VAE family that runs videos")
         engine_for(vae)
-        if video and method == "decode" and (t.ndim != 5 or t.shape[2] != 1):
-            raise VaeLoadError("latent", f"video latents of shape {tuple(t.shape)}", "a single frame (T = 1)")
     except VaeLoadError as exc:
         note = (f"not a VAE call the engine runs ({exc.found}); ran ComfyUI's own tiled {method} instead "
                 "(approximate: per-tile colour shifts and blended seams are possible)")
         log.warning("VAE Pack tiled %s: %s", method, note)
         out = fallback()
         return (out.reshape(-1, *out.shape[-3:]) if method == "decode" and out.ndim == 5 else out), note, False
-    if video and method == "decode":
-        t = t[:, :, 0]  # one frame: the image latents
+    if video and method == "encode":
+        t = t.movedim(0, 1).unsqueeze(0)  # the frames of IMAGE are one clip [1, 3, F, H, W], as core's VAE Encode
+    if video and method == "decode" and t.ndim == 4:
+        t = t.unsqueeze(2)
     progress, cancel = progress_and_cancel()
     tile = tile_size or "auto"
     report = TileReport()
@@ -136,9 +138,10 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, im
         z = v.encode(t, **kw)
         return v.scale_latents(z) if normalised else z
 
-    out = run_engine(vae, call, image_shape, tile)
-    if video and method == "encode":
-        out = out.unsqueeze(2)  # ComfyUI's convention for this VAE: [B, C, 1, h, w]
+    frames = (t.shape[2] if method == "encode" else 1 + 4 * (t.shape[2] - 1)) if video else None
+    out = run_engine(vae, call, image_shape, tile, video=(method, frames) if video else None)
+    if video and method == "decode":  # [B, 3, F, H, W] → frames as IMAGE batch entries, as core's VAE Decode
+        out = out.movedim(2, 1).reshape(-1, out.shape[1], *out.shape[-2:])
     return out, f"{mode}: {describe(report, tile)}", True
 
 
@@ -210,7 +213,8 @@ class VaePackEncodeTiled:
 
     def encode(self, pixels: torch.Tensor, vae: Any, tile_size: int, mode: str) -> tuple[dict, str]:
         x = _to_model(pixels, int(vae.spacial_compression_encode()))
-        z, note, _ = _tiled(vae, "encode", x, tile_size, mode, (x.shape[0], x.shape[-2], x.shape[-1]),
+        batch = 1 if getattr(vae, "latent_dim", 2) == 3 else x.shape[0]  # a video VAE: the frames are one clip
+        z, note, _ = _tiled(vae, "encode", x, tile_size, mode, (batch, x.shape[-2], x.shape[-1]),
                             lambda: comfy_tiled(vae, "encode", pixels, tile_size))
         return {"samples": z.float().cpu()}, note
 

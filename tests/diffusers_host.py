@@ -71,3 +71,19 @@ def tiny_from_taesd(sd: Mapping[str, torch.Tensor]):
     model = AutoencoderTiny(latent_channels=int(sd["taesd_decoder.1.weight"].shape[1])).eval().requires_grad_(False)
     model.load_state_dict(renamed, strict=True)
     return model
+
+
+WAN_MARK = "decoder.middle.0.residual.0.gamma"
+
+
+def wan_host(sd: Mapping[str, torch.Tensor]):
+    """diffusers' ``AutoencoderKLWan`` (Wan 2.1 design) from an original-layout Wan state dict, converted by
+    diffusers' own converter; widths read from the shapes (2 res blocks per level, as the converter assumes)."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    z = int(sd["conv2.weight"].shape[0])
+    model = AutoencoderKLWan(base_dim=int(sd["encoder.conv1.weight"].shape[0]), z_dim=z, num_res_blocks=2,
+                             latents_mean=[0.0] * z, latents_std=[1.0] * z).eval().requires_grad_(False)
+    model.load_state_dict({k: v.float() for k, v in convert_wan_vae_to_diffusers(dict(sd)).items()}, strict=True)
+    return model

@@ -128,10 +128,10 @@ def _taesd() -> dict:
 def _qwen_full_size() -> dict:
     """A random Qwen-Image VAE at its real widths (127 M parameters, fp16: 254 MB), in the original Wan layout:
     ComfyUI v0.3.64's loader builds its Wan VAE at those widths only."""
-    from vae_core.families.wan.model import WanConfig, WanImageVAE
+    from vae_core.families.wan.model import WanConfig, WanVAE
 
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in WanImageVAE(WanConfig()).state_dict().items()}
+        shapes = {k: v.shape for k, v in WanVAE(WanConfig()).state_dict().items()}
     g = torch.Generator().manual_seed(0)
     out = {}
     for k, shape in shapes.items():
@@ -421,3 +421,48 @@ def test_vae_compare_node_in_a_real_graph(server):
     found = float(re.search(r"A .*?PSNR ([0-9.]+) dB", text).group(1))
     assert abs(found - expected) < 0.05, text
     assert text.count("tile 128 exact") == 2 and "tiny" in text and heat.max() > 100, text
+
+
+def _saved_frames(base: Path, outputs: dict, node: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(base / "output" / i["subfolder"] / i["filename"]), dtype=np.float32)
+                     for i in outputs[node]["images"]])
+
+
+def test_wan21_video_from_core_loader_runs_exact_streamed_tiling(server):
+    """A full-width random Wan 2.1 VAE built by core's VAELoader (core's own WanVAE) on a 5-frame clip
+    (alternating photo / inverted photo): our tiled decode of core's 2-latent-frame encode gives core VAE Decode's
+    5 frames, and our tiled encode decodes (by core) to the same frames, all within 1/255; core's VAE Decode
+    (Tiled) runs alongside as the peer (its deviation is printed, not asserted)."""
+    url, _, base = server
+    batch = {"5": ("3", "4"), "6": ("5", "5"), "7": ("6", "3")}
+    graph = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "qwen-full-random.safetensors"}},
+             "2": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "3": {"class_type": "ImageScale", "inputs": {"image": ["2", 0], "upscale_method": "area", "width": 96,
+                                                          "height": 64, "crop": "disabled"}},
+             "4": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},
+             **{k: {"class_type": "ImageBatch", "inputs": {"image1": [a, 0], "image2": [b, 0]}}
+                for k, (a, b) in batch.items()},
+             "8": {"class_type": "VAEEncode", "inputs": {"pixels": ["7", 0], "vae": ["1", 0]}},
+             "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 0]}},
+             "10": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["1", 0],
+                                                                     "tile_size": 64, "mode": "exact"}},
+             "11": {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}},
+             "12": {"class_type": "VaePackEncodeTiled", "inputs": {"pixels": ["7", 0], "vae": ["1", 0],
+                                                                     "tile_size": 64, "mode": "exact"}},
+             "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["1", 0]}},
+             "14": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["1", 0], "tile_size": 64,
+                                                                 "overlap": 32, "temporal_size": 8,
+                                                                 "temporal_overlap": 4}}}
+    graph |= {f"s{k}": {"class_type": "SaveImage", "inputs": {"images": [k, 0], "filename_prefix": f"wan-{k}"}}
+              for k in ("9", "10", "13", "14")}
+    outputs = _run(url, base, graph)
+    assert "stream tiling, 2 tiles" in outputs["11"]["text"][0], outputs["11"]
+    core = _saved_frames(base, outputs, "s9")
+    assert core.shape == (5, 64, 96, 3) and core.std() > 5
+    assert np.abs(_saved_frames(base, outputs, "s10") - core).max() <= 1.0  # our tiled decode = core VAE Decode
+    assert np.abs(_saved_frames(base, outputs, "s13") - core).max() <= 1.0  # our tiled encode = core VAE Encode
+    peer = np.abs(_saved_frames(base, outputs, "s14") - core)
+    print(f"core VAE Decode (Tiled), 64 px / 32 overlap: max {peer.max():.0f}/255, per frame "
+          f"{[round(float(f.max())) for f in peer]}")

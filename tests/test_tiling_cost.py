@@ -97,3 +97,24 @@ def test_cache_needed_scales_with_area():
     assert engine.cache_needed(model, "decode", 256, 256, 256) == 0
     with pytest.raises(ValueError, match="op="):
         engine.cache_needed(model, "roundtrip", 256, 256, 64)
+
+
+WAN_CONFIGS = {"2.1": dict(), "2.2": dict(base_dim=160, decoder_base_dim=256, z_dim=48, residual=True, patch=2)}
+#: the tiled/untiled FLOP ratios BENCHMARKS.md reports for Wan at 1280×720 (81 frames) plus 2 %: what we claim
+WAN_BOUNDS = {("2.1", "decode"): (1.25, 1.13), ("2.1", "encode"): (1.45, 1.22),
+              ("2.2", "decode"): (1.70, 1.33), ("2.2", "encode"): (2.03, 1.48)}
+
+
+@pytest.mark.parametrize("version,op", list(WAN_BOUNDS))
+def test_wan_video_tiling_cost_at_real_widths(version, op):
+    """Exact streamed tiling of a 1280×720 clip (9 frames; the ratio is per frame) at Wan's real widths, counted on
+    the meta device: at most the bounds recorded in BENCHMARKS.md for 256- and 512-px tiles, more than the untiled
+    call (halos are recomputed), and cheaper with the larger tile."""
+    from vae_core.families.wan.model import WanConfig
+    from vae_core.lab.bench import video_flop_ratio
+
+    cfg = WanConfig(**WAN_CONFIGS[version])
+    r256, r512 = (video_flop_ratio(cfg, op, 9, 720, 1280, tile) for tile in (256, 512))
+    b256, b512 = WAN_BOUNDS[(version, op)]
+    assert 1.0 < r512 < r256, (r256, r512)
+    assert r256 <= b256 and r512 <= b512, (r256, r512)

@@ -187,12 +187,17 @@ class Vae:
     def _check(self, t: object, name: str, channels: int, min_side: int) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise VaeInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 4 or t.shape[1] != channels:
-            raise VaeInputError(f"{name}: shape {tuple(t.shape)}; expected [B, {channels}, H, W]")
+        video = self.family.video
+        if t.ndim not in ((4, 5) if video else (4,)) or t.shape[1] != channels:
+            raise VaeInputError(f"{name}: shape {tuple(t.shape)}; expected [B, {channels}, H, W]"
+                                + (f" (an image) or [B, {channels}, T, H, W] (a video)" if video else ""))
         if not t.is_floating_point():
             raise VaeInputError(f"{name}: dtype {t.dtype}; expected a floating-point tensor")
-        if t.shape[0] == 0 or t.shape[2] < min_side or t.shape[3] < min_side:
-            raise VaeInputError(f"{name}: shape {tuple(t.shape)}; expected a non-empty batch and sides ≥ {min_side}")
+        if t.shape[0] == 0 or t.shape[-2] < min_side or t.shape[-1] < min_side or (t.ndim == 5 and t.shape[2] == 0):
+            raise VaeInputError(f"{name}: shape {tuple(t.shape)}; expected a non-empty batch and sides ≥ {min_side}"
+                                + (" and at least one frame" if t.ndim == 5 else ""))
+        if t.ndim == 5:
+            self.family.check_video(self.model, t, "encode" if name.startswith("encode") else "decode")
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise VaeInputError(f"{name}: {bad} of {t.numel()} values are NaN/inf; expected finite values (the "
@@ -221,7 +226,9 @@ class Vae:
                progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,
                cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] (H, W ≥ 8; not multiples of 8 are floored like the reference) →
-        raw posterior means ``[B, C, H//8, W//8]`` float32.
+        raw posterior means ``[B, C, H//8, W//8]`` float32. Video families (Wan) also take videos
+        ``[B, 3, 1 + 4k, H, W]`` → ``[B, C, 1 + k, H/f, W/f]``; ``tile`` is then the spatial tile (exact in space and
+        time, see :mod:`vae_core.tiling.stream`).
 
         Raises:
             VaeInputError: wrong shape/dtype, NaN/inf, or values beyond ±:data:`ENCODE_RANGE_LIMIT` (e.g. 0..255
@@ -240,7 +247,9 @@ class Vae:
     def decode(self, z: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
                progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,
                cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None) -> torch.Tensor:
-        """Raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]`` float32, about [-1, 1] (not clamped)."""
+        """Raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]`` float32, about [-1, 1] (not clamped). Video
+        families: ``[B, C, T, h, w]`` → ``[B, 3, 1 + 4(T − 1), f·h, f·w]`` (Wan clamps to [-1, 1], as its
+        reference does)."""
         z = self._check(z, "decode input", self.info.latent_channels, 1)
         opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
                                   report=report)

@@ -169,6 +169,18 @@ class Family:
         """Cache bytes for full-speed exact tiling (0: the plan needs none, e.g. halos)."""
         return 0
 
+    #: whether the family's networks take videos ``[B, C, T, H, W]`` as well as images
+    video: bool = False
+
+    def check_video(self, model: nn.Module, t: torch.Tensor, kind: str) -> None:
+        """Refuse a video ``t`` that ``kind`` cannot run (frame count, sides), naming the value, before any work."""
+        raise VaeInputError(f"{kind} input of shape {tuple(t.shape)}: a video, but {self.label} takes images only")
+
+    def video_working_set(self, model: nn.Module, kind: str, frames: int, height: int, width: int,
+                          tile: Optional[int], dtype: torch.dtype = torch.float32) -> dict[str, int]:
+        """Estimated peak bytes of a video call (``total``, and its parts), for the video families."""
+        raise VaeInputError(f"a video working set for {self.label}, which takes images only")
+
     def patched_latents(self, model: nn.Module) -> bool:
         """Whether the diffusion model's latents are the 2×2-patchified, normalised form (Flux.2) rather than raw."""
         return False

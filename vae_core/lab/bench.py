@@ -26,7 +26,7 @@ import torch
 
 from ..precision.dtypes import DTYPES
 
-__all__ = ["run_worker", "measure", "flop_ratio", "peak_rss", "reset_peak_rss", "proc_status_bytes"]
+__all__ = ["run_worker", "measure", "flop_ratio", "video_flop_ratio", "peak_rss", "reset_peak_rss", "proc_status_bytes"]
 
 
 def _model(spec: dict[str, Any]):
@@ -221,6 +221,30 @@ def flop_ratio(config: Any, op: str, size: int, impl: str, tile: int, mode: str 
             return count(fn) / base
     except (RuntimeError, NotImplementedError, TypeError):  # an op without a meta kernel
         return None
+
+
+def video_flop_ratio(config: Any, op: str, frames: int, height: int, width: int, tile: int) -> float:
+    """FLOPs of a tiled video call over the untiled (streamed reference) call, counted on the ``meta`` device at
+    the config's real widths: ``frames`` pixel frames (``1 + 4k``) of ``height``×``width`` px, ``tile`` px."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..families.registry import for_config
+    from ..tiling.options import TileOptions
+
+    def count(fn: Any) -> int:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    family = for_config(config)
+    with torch.device("meta"):
+        model = family.build(config).eval().requires_grad_(False)
+    f, ft = config.downscale, config.temporal_scale
+    x = (torch.empty(1, config.latent_channels, 1 + (frames - 1) // ft, height // f, width // f, device="meta")
+         if op == "decode" else torch.empty(1, config.in_channels, frames, height, width, device="meta"))
+    with torch.no_grad():
+        base = count(lambda: (model.decode if op == "decode" else model.encode)(x))
+        return count(lambda: family.tiled(op)(model, x, tile, TileOptions())) / base
 
 
 if __name__ == "__main__":

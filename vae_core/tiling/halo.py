@@ -24,7 +24,7 @@ from ..errors import Cancelled, VaeInputError
 from .geometry import Interval, split
 from .options import TileOptions
 
-__all__ = ["Local", "Whole", "Stage", "run_stages", "chain_radius", "halo_tiled"]
+__all__ = ["Local", "Whole", "Stage", "run_stages", "chain_radius", "halo_tiled", "stage_sizes", "windows"]
 
 
 @dataclass(frozen=True)
@@ -36,20 +36,26 @@ class Local:
         radius: receptive radius in input pixels: output pixel ``p`` reads input pixels within ``radius`` of
             ``p·down/up`` (for a stride, of the ``down``-wide block ``[p·down, p·down + down)``).
         up, down: nearest/transposed upsampling factor, or stride product (one of them is 1).
+        blocks: the stage reshapes whole ``down``×``down`` blocks (space-to-depth, e.g. a 2×2 patchify or average
+            pool): windows end on block boundaries too.
     """
 
     fn: Callable[[torch.Tensor], torch.Tensor]
     radius: int
     up: int = 1
     down: int = 1
+    blocks: bool = False
 
     def needs(self, out: Interval, n_in: int) -> Interval:
-        """Input interval (aligned to ``down``) that output interval ``out`` depends on, clipped to the input."""
+        """Input interval (aligned to ``down``; both ends if ``blocks``) that output interval ``out`` depends on,
+        clipped to the input."""
         if self.up > 1:
             lo, hi = out[0] // self.up - self.radius, -(-out[1] // self.up) + self.radius
         else:
             lo, hi = out[0] * self.down - self.radius, out[1] * self.down + self.radius
             lo -= lo % self.down
+            if self.blocks:  # space-to-depth stages read whole stride blocks
+                hi += (-hi) % self.down
         return max(0, lo), min(n_in, hi)
 
     def out_start(self, in_start: int) -> int:
@@ -78,7 +84,7 @@ def chain_radius(chain: list[Local]) -> int:
     return int(total + 0.999)
 
 
-def _sizes(chain: list[Local], h: int, w: int) -> list[tuple[int, int]]:
+def stage_sizes(chain: list[Local], h: int, w: int) -> list[tuple[int, int]]:
     sizes = [(h, w)]
     for st in chain:
         h, w = h * st.up // st.down, w * st.up // st.down
@@ -86,9 +92,20 @@ def _sizes(chain: list[Local], h: int, w: int) -> list[tuple[int, int]]:
     return sizes
 
 
+def windows(chain: list[Local], sizes: list[tuple[int, int]], r: Interval, c: Interval
+            ) -> list[tuple[Interval, Interval]]:
+    """The (rows, cols) each stage's input needs, and the chain's output core ``(r, c)`` last (``sizes``: each
+    stage's input size and the output's, from :func:`stage_sizes`)."""
+    needs = [(r, c)]
+    for st, (ih, iw) in zip(reversed(chain), reversed(sizes[:-1])):
+        rr, cc = needs[0]
+        needs.insert(0, (st.needs(rr, ih), st.needs(cc, iw)))
+    return needs
+
+
 def _run_chain(chain: list[Local], x: torch.Tensor, core_px: int, progress: Optional[Callable[[int, int], None]],
                cancel: Optional[Callable[[], object]], counts: list[int]) -> torch.Tensor:
-    sizes = _sizes(chain, x.shape[2], x.shape[3])
+    sizes = stage_sizes(chain, x.shape[2], x.shape[3])
     oh, ow = sizes[-1]
     for st, (ih, iw) in zip(chain, sizes):
         if st.down > 1 and (ih % st.down or iw % st.down):
@@ -102,10 +119,7 @@ def _run_chain(chain: list[Local], x: torch.Tensor, core_px: int, progress: Opti
             if cancel is not None and cancel():
 
                 raise Cancelled("tiled VAE call cancelled between tiles")
-            needs = [(r, c)]  # needed interval at each stage's output, from the last stage backwards
-            for st, (ih, iw) in zip(reversed(chain), reversed(sizes[:-1])):
-                rr, cc = needs[0]
-                needs.insert(0, (st.needs(rr, ih), st.needs(cc, iw)))
+            needs = windows(chain, sizes, r, c)
             (r0, r1), (c0, c1) = needs[0]
             t = x[:, :, r0:r1, c0:c1]
             for i, st in enumerate(chain):

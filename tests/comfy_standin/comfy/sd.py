@@ -5,7 +5,7 @@ import torch
 
 from comfy import model_management
 from comfy.model_patcher import ModelPatcher
-from diffusers_host import host_vae, tiny_from_taesd
+from diffusers_host import WAN_MARK, host_vae, tiny_from_taesd, wan_host
 
 _SD_WIDTHS = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2)  # what ComfyUI assumes without a config
 
@@ -15,7 +15,11 @@ class VAE:
         self.tiny = "taesd_decoder.1.weight" in sd
         ratio = 8
         self.vae_scale, self.vae_shift = 1.0, 0.0
-        if "pixel_space_vae" in sd:  # ComfyUI's trivial pixel-space VAE (identity)
+        self.latent_dim = 2
+        if WAN_MARK in sd:  # like ComfyUI's Wan 2.1 VAE: video latents [B, C, T, h, w]
+            self.first_stage_model = wan_host(sd)
+            self.latent_channels, self.latent_dim = self.first_stage_model.config.z_dim, 3
+        elif "pixel_space_vae" in sd:  # ComfyUI's trivial pixel-space VAE (identity)
             self.first_stage_model = torch.nn.Identity()
             self.latent_channels, ratio = 3, 1
         elif self.tiny:  # like ComfyUI's TAESD: raw latents in, (z - vae_shift) * vae_scale for the network
@@ -31,7 +35,6 @@ class VAE:
             self.first_stage_model = host_vae(sd, **widths)  # raises on a width mismatch, like ComfyUI's load
             self.latent_channels = self.first_stage_model.config.latent_channels
         self.downscale_ratio = self.upscale_ratio = ratio
-        self.latent_dim = 2
         self.output_channels = 3
         self.device = device if device is not None else model_management.vae_device()
         self.vae_dtype = dtype or torch.float32
@@ -64,11 +67,14 @@ class VAE:
         with torch.no_grad():
             out = self.first_stage_model.decode(z.to(self.device, self.vae_dtype))
         out = getattr(out, "sample", out).float()  # diffusers returns DecoderOutput, ComfyUI's networks a tensor
-        return self.process_output(out).movedim(1, -1).to(self.output_device)
+        out = out.movedim(1, -1)  # video: [B, F, H, W, C], which core's VAE Decode node flattens to frames
+        return self.process_output(out).to(self.output_device)
 
     def _encode(self, pixel_samples):
         model_management.load_models_gpu([self.patcher], memory_required=1)
         x = self.process_input(pixel_samples[..., :3]).movedim(-1, 1).to(self.device, self.vae_dtype)
+        if self.latent_dim == 3 and x.ndim == 4:  # the IMAGE frames are one clip [1, C, F, H, W]
+            x = x.movedim(1, 0).unsqueeze(0)
         if isinstance(self.first_stage_model, torch.nn.Identity):  # pixel space: the "latent" is the image in -1..1
             return x.float().to(self.output_device)
         with torch.no_grad():

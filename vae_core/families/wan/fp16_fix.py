@@ -1,4 +1,4 @@
-"""The training-free fp16 fix for Qwen-Image's VAE (Wan 2.1 design): the same idea as
+"""The training-free fp16 fix for the Wan VAE design (Wan 2.1, Qwen-Image, Wan 2.2): the same idea as
 :mod:`vae_core.families.kl.fp16_fix`, with the RMS norm's scale invariance (``normalize(s·x) = normalize(x)`` for ``s > 0``) in place of GroupNorm's.
 
 Every read of the residual stream goes through an RMS norm except the residual adds, the 1×1 shortcuts and the
@@ -15,18 +15,28 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model import AttentionBlock, Resample, ResidualBlock, WanImageVAE
+from .blocks import AttentionBlock, DownBlock, Resample, ResidualBlock, UpBlock
+from .model import WanVAE
 from ...precision.calibrate import FIX_TARGET, fix_copy, pow2_down, scale_conv
 
 __all__ = ["rescale_wan_stream", "fp16_fix_wan"]
+
+
+def _stream(side: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are ``side``'s residual stream (Wan 2.2 levels and their inner blocks too)."""
+    out: list[nn.Module] = [side.conv1]
+    for m in (side.downsamples if hasattr(side, "downsamples") else side.upsamples):
+        if isinstance(m, (DownBlock, UpBlock)):  # the parameter-free shortcut is linear: it scales with the stream
+            out.extend(m.downsamples if isinstance(m, DownBlock) else m.upsamples)
+        out.append(m)
+    return out + list(side.middle)
 
 
 @torch.no_grad()
 def rescale_wan_stream(side: nn.Module, s: float, conv1_factors: Optional[dict[ResidualBlock, float]] = None) -> None:
     """Multiply ``side``'s (``model.encoder`` or ``model.decoder``) residual stream by ``s`` in place."""
     scale_conv(side.conv1, s, s)
-    blocks = list(side.downsamples if hasattr(side, "downsamples") else side.upsamples) + list(side.middle)
-    for m in blocks:
+    for m in _stream(side)[1:]:
         if isinstance(m, ResidualBlock):
             scale_conv(m.residual[6], s, s)
             if isinstance(m.shortcut, nn.Conv3d):  # reads the scaled stream: only its bias needs the factor
@@ -35,12 +45,14 @@ def rescale_wan_stream(side: nn.Module, s: float, conv1_factors: Optional[dict[R
             scale_conv(m.residual[2], c, c)
         elif isinstance(m, AttentionBlock):
             scale_conv(m.proj, s, s)
-        elif isinstance(m, Resample):
+        elif isinstance(m, Resample):  # spatial and temporal convs read the scaled stream: biases only
             scale_conv(m.resample[1], 1.0, s)
+            if hasattr(m, "time_conv"):
+                scale_conv(m.time_conv, 1.0, s)
 
 
-def fp16_fix_wan(model: WanImageVAE, sample: Optional[torch.Tensor] = None, target: float = FIX_TARGET
-                 ) -> tuple[WanImageVAE, float, float]:
+def fp16_fix_wan(model: WanVAE, sample: Optional[torch.Tensor] = None, target: float = FIX_TARGET
+                 ) -> tuple[WanVAE, float, float]:
     """A rescaled fp32 copy of ``model`` whose stream peaks on ``sample`` are ≤ ``target``.
 
     Returns:
@@ -48,7 +60,7 @@ def fp16_fix_wan(model: WanImageVAE, sample: Optional[torch.Tensor] = None, targ
     """
     def rescale(fixed: nn.Module, before: dict[nn.Module, float]) -> None:
         for side in (fixed.encoder, fixed.decoder):
-            stream = [side.conv1, *(side.downsamples if side is fixed.encoder else side.upsamples), *side.middle]
+            stream = _stream(side)
             peak = max(before.get(m, 0.0) for m in stream)
             conv1 = {m: pow2_down(before.get(m.residual[2], 0.0), target) for m in stream
                      if isinstance(m, ResidualBlock)}

@@ -1,19 +1,20 @@
-"""Qwen-Image's VAE (the Wan 2.1 causal 3D VAE design) for single images, host-free.
+"""The Wan VAE design on videos and images, host-free: Wan 2.1 (and Qwen-Image's VAE, its image case) and Wan 2.2.
 
-Parameter names and shapes are the original Wan 2.1 layout (what ComfyUI's ``qwen_image_vae.safetensors`` holds):
-``encoder.conv1`` (conv_in), ``encoder.downsamples.<i>`` (a flat list of residual blocks and resamplers),
-``encoder.middle.{0,1,2}`` (residual, attention, residual), ``encoder.head.{0,2}`` (RMS norm, conv), ``conv1``/
-``conv2`` (the quant convs), and the decoder likewise with ``decoder.upsamples``. 3-D conv weights keep their
-``[O, I, 3, 3, 3]`` shape so the original weights load with ``strict=True``; :mod:`vae_core.families.wan.convert` maps
-diffusers' ``AutoencoderKLQwenImage`` names.
+Parameter names and shapes are the original Wan layout (what ComfyUI's ``wan_2.1_vae.safetensors``,
+``wan2.2_vae.safetensors`` and ``qwen_image_vae.safetensors`` hold): ``encoder.conv1``, ``encoder.downsamples``,
+``encoder.middle.{0,1,2}`` (residual, attention, residual), ``encoder.head.{0,2}``, ``conv1``/``conv2`` (the quant
+convs) and the decoder likewise with ``decoder.upsamples``. Wan 2.1 lists its levels' blocks flat; Wan 2.2
+(``residual=True``) nests them per level (``downsamples.<i>.downsamples.<j>``) with parameter-free shortcuts and
+2×2-patchified pixels (12 channels in and out), so its latents are 16× smaller in space. Both are 4× in time.
 
-A single image is the first (and only) frame of a causal video: every causal 3-D conv sees two zero frames before
-it, so it equals a 2-D conv with the last temporal tap of its kernel; the temporal resamplers are skipped for a first
-frame. So everything here is 2-D: images ``[B, 3, H, W]`` (H, W multiples of 8) in [-1, 1], raw latents
-``[B, z, H/8, W/8]`` (the posterior mean, before the pipeline's per-channel ``latents_mean``/``latents_std``),
-decoded images clamped to [-1, 1] as the reference does. The RMS norm is per pixel (over channels) and the only
-attention is the mid block's, so tiling is exact with halos around everything but the mid block
-(:mod:`vae_core.tiling.halo`).
+Shapes: videos ``[B, 3, F, H, W]`` in [-1, 1] with ``F = 1 + 4k`` and ``H, W`` multiples of ``downscale`` (8, Wan
+2.2: 16); raw latents ``[B, z, 1 + k, H/f, W/f]`` (the posterior mean, before the pipeline's per-channel
+``latents_mean``/``latents_std``); decoded videos clamped to [-1, 1] as the reference does. 4-D tensors are the image
+case: one frame, ``[B, 3, H, W]`` ↔ ``[B, z, H/f, W/f]``.
+
+The reference schedule (the model's own, diffusers' ``AutoencoderKLWan`` with tiling off) is run as is: encode frame
+0, then chunks of 4 frames; decode one latent frame at a time; one causal state carried through. Tiling follows
+:mod:`vae_core.tiling.stream` (videos) and :mod:`vae_core.tiling.halo` (images) over the stages listed here.
 """
 from __future__ import annotations
 
@@ -24,15 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import attention
+from ...errors import VaeInputError
 from ...tiling.halo import Local, Whole
+from ...tiling.stream import CausalState, Chunk, Segment, is_first
+from .blocks import (AttentionBlock, CausalConv3d, DownBlock, RMSNorm, Resample, ResidualBlock, UpBlock, patchify,
+                     unpatchify)
 
-__all__ = ["WanConfig", "WanImageVAE"]
+__all__ = ["WanConfig", "WanVAE", "encode_chunks", "decode_chunks"]
+
+#: frames per encode chunk after the first (the reference's, for every Wan VAE)
+CHUNK = 4
 
 
 @dataclass(frozen=True)
 class WanConfig:
-    """Shape of a Wan 2.1-design VAE (Qwen-Image: base_dim 96, z_dim 16, dim_mult (1, 2, 4, 4), 2 res blocks)."""
+    """Shape of a Wan-design VAE. Wan 2.1 / Qwen-Image: base_dim 96, z_dim 16; Wan 2.2: base_dim 160,
+    decoder_base_dim 256, z_dim 48, ``residual=True``, ``patch=2``. All: dim_mult (1, 2, 4, 4), 2 res blocks,
+    temporal_down (False, True, True)."""
 
     base_dim: int = 96
     z_dim: int = 16
@@ -40,8 +49,11 @@ class WanConfig:
     num_res_blocks: int = 2
     in_channels: int = 3
     out_channels: int = 3
-    #: which encoder resamplers also downsample in time (carry a ``time_conv``); Qwen-Image: (False, True, True)
+    #: which encoder levels also downsample in time (carry a ``time_conv``); Wan: (False, True, True)
     temporal_down: tuple[bool, ...] = (False, True, True)
+    decoder_base_dim: Optional[int] = None
+    residual: bool = False  # Wan 2.2's levels with AvgDown3D/DupUp3D shortcuts
+    patch: int = 1  # Wan 2.2: 2×2 patchify before the encoder, unpatchify after the decoder
 
     @property
     def latent_channels(self) -> int:
@@ -49,109 +61,68 @@ class WanConfig:
 
     @property
     def downscale(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
+        return 2 ** (len(self.dim_mult) - 1) * self.patch
+
+    @property
+    def temporal_scale(self) -> int:
+        return 2 ** sum(bool(t) for t in self.temporal_down)
+
+    @property
+    def version(self) -> str:
+        return "2.2" if self.residual else "2.1"
 
     @property
     def encoder_widths(self) -> list[int]:  # for the memory estimate
         return [self.base_dim * m for m in self.dim_mult]
 
-    decoder_widths = encoder_widths
+    @property
+    def decoder_widths(self) -> list[int]:
+        return [(self.decoder_base_dim or self.base_dim) * m for m in self.dim_mult]
 
 
-class CausalConv3d(nn.Conv3d):
-    """A causal 3-D conv run on one frame: ``[B, C, H, W]`` → 2-D conv with the kernel's last temporal tap."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        w = self.weight[:, :, -1]
-        return F.conv2d(x, w, self.bias, padding=self.padding[1:])
+def encode_chunks(frames: int) -> list[Chunk]:
+    """The reference encode schedule for ``frames = 1 + 4k``: frame 0, then 4-frame chunks, one latent frame each."""
+    return [(0, 1, 0, 1)] + [(1 + CHUNK * i, 1 + CHUNK * (i + 1), 1 + i, 2 + i) for i in range((frames - 1) // CHUNK)]
 
 
-class RMSNorm(nn.Module):
-    """``normalize(x, over channels) · √C · γ``; γ stored ``[C, 1, 1, 1]`` (in blocks) or ``[C, 1, 1]``."""
-
-    def __init__(self, dim: int, images: bool = False) -> None:
-        super().__init__()
-        self.scale = dim ** 0.5
-        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
-        return y * self.scale * self.gamma.view(-1, 1, 1)
-
-
-class ResidualBlock(nn.Module):
-    """``residual``: RMS norm, SiLU, conv, RMS norm, SiLU, dropout, conv (indices 0–6); ``shortcut`` 1×1 if widths
-    differ. Receptive radius 2 (two 3×3 convs)."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.residual = nn.Sequential(RMSNorm(cin), nn.SiLU(), CausalConv3d(cin, cout, 3, padding=1), RMSNorm(cout),
-                                      nn.SiLU(), nn.Dropout(0.0), CausalConv3d(cout, cout, 3, padding=1))
-        self.shortcut = CausalConv3d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.residual(x) + self.shortcut(x)
-
-
-class AttentionBlock(nn.Module):
-    """Single-head self-attention over all pixels (``norm``, ``to_qkv``, ``proj``): global."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = RMSNorm(dim, images=True)
-        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.to_qkv(self.norm(x)).reshape(b, 3 * c, h * w).transpose(1, 2).chunk(3, dim=-1)
-        out = attention(q.contiguous(), k.contiguous(), v.contiguous())
-        return self.proj(out.transpose(1, 2).reshape(b, c, h, w)) + x
-
-
-class Resample(nn.Module):
-    """``down``: right/bottom zero pad, 3×3 stride 2; ``up``: nearest ×2 then 3×3 conv to half the channels.
-    ``time_conv`` (temporal resampling) is stored for strict loading but unused on a first frame."""
-
-    def __init__(self, dim: int, mode: str, temporal: bool) -> None:
-        super().__init__()
-        self.mode = mode
-        if mode == "down":
-            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
-            if temporal:
-                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
-        else:
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
-            if temporal:
-                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resample(x)
+def decode_chunks(latent_frames: int, ft: int) -> list[Chunk]:
+    """The reference decode schedule: one latent frame at a time; the first gives 1 frame, the others ``ft``."""
+    return [(0, 1, 0, 1)] + [(i, i + 1, 1 + ft * (i - 1), 1 + ft * i) for i in range(1, latent_frames)]
 
 
 def _head(dim: int, cout: int) -> nn.Sequential:
     return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, cout, 3, padding=1))
 
 
-class WanImageVAE(nn.Module):
-    """The Wan 2.1-design VAE on single images. ``temporal_down`` flags (default ``cfg.temporal_down``; Qwen-Image:
-    encoder (False, True, True)) only decide which resamplers carry a ``time_conv`` to load."""
+def _run(seq: nn.Module, x: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
+    for m in seq:
+        x = m(x, state)
+    return x
+
+
+class WanVAE(nn.Module):
+    """The Wan-design VAE (see the module docstring). ``temporal_down`` flags (default ``cfg.temporal_down``) say
+    which encoder resamplers carry a ``time_conv``; the decoder's are the reverse."""
 
     def __init__(self, cfg: WanConfig, temporal_down: Optional[tuple[bool, ...]] = None) -> None:
         super().__init__()
         temporal_down = cfg.temporal_down if temporal_down is None else tuple(temporal_down)
         self.config = cfg
+        p2, levels, n = cfg.patch ** 2, len(cfg.dim_mult), cfg.num_res_blocks
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
         enc = nn.Module()
-        enc.conv1 = CausalConv3d(cfg.in_channels, dims[0], 3, padding=1)
+        enc.conv1 = CausalConv3d(cfg.in_channels * p2, dims[0], 3, padding=1)
         blocks: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-            for _ in range(cfg.num_res_blocks):
+            last, temporal = i == levels - 1, i < len(temporal_down) and temporal_down[i]
+            if cfg.residual:
+                blocks.append(DownBlock(cin, cout, n, temporal and not last, not last))
+                continue
+            for _ in range(n):
                 blocks.append(ResidualBlock(cin, cout))
                 cin = cout
-            if i != len(cfg.dim_mult) - 1:
-                blocks.append(Resample(cout, "down", temporal_down[i]))
+            if not last:
+                blocks.append(Resample(cout, "down", temporal))
         enc.downsamples = nn.Sequential(*blocks)
         enc.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
                                    ResidualBlock(dims[-1], dims[-1]))
@@ -159,7 +130,8 @@ class WanImageVAE(nn.Module):
         self.encoder = enc
         self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        ddims = [cfg.base_dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
+        base = cfg.decoder_base_dim or cfg.base_dim
+        ddims = [base * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
         temporal_up = tuple(reversed(temporal_down))
         dec = nn.Module()
         dec.conv1 = CausalConv3d(cfg.z_dim, ddims[0], 3, padding=1)
@@ -167,61 +139,181 @@ class WanImageVAE(nn.Module):
                                    ResidualBlock(ddims[0], ddims[0]))
         ups: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(ddims[:-1], ddims[1:])):
+            last, temporal = i == levels - 1, i < len(temporal_up) and temporal_up[i]
+            if cfg.residual:
+                ups.append(UpBlock(cin, cout, n, temporal and not last, not last))
+                continue
             if i > 0:
-                cin //= 2  # the upsampler before halved the channels
-            for _ in range(cfg.num_res_blocks + 1):
+                cin //= 2  # the Wan 2.1 upsampler before halved the channels
+            for _ in range(n + 1):
                 ups.append(ResidualBlock(cin, cout))
                 cin = cout
-            if i != len(cfg.dim_mult) - 1:
-                ups.append(Resample(cout, "up", temporal_up[i]))
+            if not last:
+                ups.append(Resample(cout, "up", temporal))
         dec.upsamples = nn.Sequential(*ups)
-        dec.head = _head(ddims[-1], cfg.out_channels)
+        dec.head = _head(ddims[-1], cfg.out_channels * p2)
         self.decoder = dec
         # the diffusion model's per-channel latent statistics (pipeline constants, not in the original weights)
         self.register_buffer("latents_mean", torch.zeros(cfg.z_dim), persistent=False)
         self.register_buffer("latents_std", torch.ones(cfg.z_dim), persistent=False)
 
+    # -- latent statistics -------------------------------------------------------------------------------------
+    def _stat(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return t.view(1, -1, *([1] * (z.dim() - 2))).to(z)
+
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents → the diffusion model's: ``(z - latents_mean) / latents_std`` per channel."""
-        return (z - self.latents_mean.view(1, -1, 1, 1).to(z)) / self.latents_std.view(1, -1, 1, 1).to(z)
+        """Raw latents (4-D or 5-D) → the diffusion model's: ``(z - latents_mean) / latents_std`` per channel."""
+        return (z - self._stat(self.latents_mean, z)) / self._stat(self.latents_std, z)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.latents_std.view(1, -1, 1, 1).to(z) + self.latents_mean.view(1, -1, 1, 1).to(z)
+        return z * self._stat(self.latents_std, z) + self._stat(self.latents_mean, z)
 
-    def _mean(self, moments: torch.Tensor) -> torch.Tensor:
-        return self.conv1(moments)[:, : self.config.z_dim]
+    # -- the pieces of one chunk: local at high resolution, whole frames at latent resolution ------------------
+    # The blocks at latent resolution (the encoder's last level, the decoder's first) run with the mid block on
+    # whole frames: cheap there, and their halos would otherwise widen every high-resolution window.
+    def _enc_split(self) -> int:
+        """Index of the first encoder block after the last stride-2 one (the blocks at latent resolution)."""
+        blocks = list(self.encoder.downsamples)
+        down = [i for i, m in enumerate(blocks) if (isinstance(m, Resample) and m.mode == "down")
+                or (isinstance(m, DownBlock) and isinstance(m.downsamples[-1], Resample))]
+        return down[-1] + 1 if down else 0
+
+    def _dec_split(self) -> int:
+        """Wan 2.1: index of the decoder's first upsampler; Wan 2.2: 0 (level 0 is split inside its block)."""
+        if self.config.residual:
+            return 0
+        ups = [i for i, m in enumerate(self.decoder.upsamples) if isinstance(m, Resample)]
+        return ups[0] if ups else len(self.decoder.upsamples)
+
+    def _enc_local(self, x: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
+        e = self.encoder
+        return _run(e.downsamples[:self._enc_split()], e.conv1(patchify(x, self.config.patch), state), state)
+
+    def _enc_whole(self, h: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
+        e = self.encoder
+        h = _run(e.middle, _run(e.downsamples[self._enc_split():], h, state), state)
+        return self.conv1(e.head[2](F.silu(e.head[0](h)), state))[:, : self.config.z_dim]
+
+    def _dec_whole(self, z: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
+        """Up to the first upsampler. Wan 2.2: ``[level-0 residual output; level-0 input]`` stacked on channels
+        (the input feeds the level's DupUp3D shortcut after the upsampler)."""
+        d = self.decoder
+        h = _run(d.middle, d.conv1(self.conv2(z), state), state)
+        if not self.config.residual:
+            return _run(d.upsamples[:self._dec_split()], h, state)
+        first = d.upsamples[0]
+        if first.avg_shortcut is None:
+            return first(h, state)
+        return torch.cat([_run(first.upsamples[:-1], h, state), h], 1)
+
+    def _dec_first_up(self, t: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
+        """Wan 2.2: level 0's upsampler plus its shortcut, from :meth:`_dec_whole`'s stacked output."""
+        first = self.decoder.upsamples[0]
+        c = first.upsamples[-1].resample[1].in_channels
+        return first.upsamples[-1](t[:, :c], state) + first.avg_shortcut(t[:, c:], is_first(state))
+
+    def _dec_local(self, h: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
+        for st in self.decode_chain():
+            h = st.fn(h, state)
+        return h
+
+    # -- reference calls ---------------------------------------------------------------------------------------
+    def check_video(self, t: torch.Tensor, kind: str) -> None:
+        """Refuse a video the schedule cannot run: frame count ``1 + 4k`` for encode, a 4× temporal design."""
+        if self.config.temporal_scale != CHUNK:
+            raise VaeInputError(f"{kind} of a video with a Wan-design VAE of temporal scale "
+                                f"{self.config.temporal_scale}; expected 4 (temporal_down with two True levels)")
+        if kind == "encode" and (t.shape[2] - 1) % CHUNK:
+            raise VaeInputError(f"encode input: {t.shape[2]} frames; expected 1 + 4k frames (1, 5, 9, ..., 81)")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [-1, 1] → raw posterior mean ``[B, z, H/8, W/8]``."""
-        e = self.encoder
-        h = e.middle(e.downsamples(e.conv1(x)))
-        return self._mean(e.head(h))
+        """Videos ``[B, 3, 1 + 4k, H, W]`` → raw latents ``[B, z, 1 + k, H/f, W/f]`` by the reference schedule (one
+        causal state, chunk by chunk); images ``[B, 3, H, W]`` → ``[B, z, H/f, W/f]``."""
+        if x.dim() == 4:
+            return self._enc_whole(self._enc_local(x.unsqueeze(2), None), None).squeeze(2)
+        self.check_video(x, "encode")
+        state, out = CausalState(), []
+        for i, (i0, i1, _, _) in enumerate(encode_chunks(x.shape[2])):
+            state.chunk = i
+            out.append(self._enc_whole(self._enc_local(x[:, :, i0:i1], state), state))
+        return torch.cat(out, 2)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents ``[B, z, h, w]`` → images ``[B, 3, 8h, 8w]`` clamped to [-1, 1]."""
-        d = self.decoder
-        h = d.middle(d.conv1(self.conv2(z)))
-        return d.head(d.upsamples(h)).clamp(-1.0, 1.0)
+    def decode(self, z: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw latents ``[B, z, T, h, w]`` → videos ``[B, 3, 1 + 4(T − 1), f·h, f·w]`` clamped to [-1, 1], one
+        latent frame at a time (into ``out`` if given); ``[B, z, h, w]`` → images ``[B, 3, f·h, f·w]``."""
+        if z.dim() == 4:
+            return self._dec_local(self._dec_whole(z.unsqueeze(2), None), None).squeeze(2)
+        self.check_video(z, "decode")
+        state = CausalState()
+        chunks = decode_chunks(z.shape[2], self.config.temporal_scale)
+        for i, (i0, i1, o0, o1) in enumerate(chunks):
+            state.chunk = i
+            y = self._dec_local(self._dec_whole(z[:, :, i0:i1], state), state)
+            if out is None:
+                out = y.new_empty((*y.shape[:2], chunks[-1][3], *y.shape[3:]))
+            out[:, :, o0:o1] = y
+        assert out is not None
+        return out
 
-    # -- exact tiling: local stages around the global mid block ------------------------------------------------------
-    @staticmethod
-    def _blocks(seq: nn.Sequential) -> list[Local]:
+    # -- exact tiling --------------------------------------------------------------------------------------------
+    def _locals(self, seq: nn.Sequential) -> list[Local]:
+        """One :class:`Local` per block, with its spatial receptive radius in input pixels."""
         out: list[Local] = []
+        n = self.config.num_res_blocks
         for m in seq:
             if isinstance(m, ResidualBlock):
                 out.append(Local(m, radius=2))
-            elif m.mode == "down":  # pad right/bottom 1, 3×3 stride 2: reads [2o, 2o + 2]
-                out.append(Local(m, radius=1, down=2))
-            else:  # nearest ×2, then 3×3
-                out.append(Local(m, radius=1, up=2))
+            elif isinstance(m, Resample):  # down: pad right/bottom 1, 3×3 stride 2; up: nearest ×2, then 3×3
+                out.append(Local(m, radius=1, down=2) if m.mode == "down" else Local(m, radius=1, up=2))
+            elif isinstance(m, DownBlock):  # n residual blocks, then the stride-2 resampler (if any)
+                down = isinstance(m.downsamples[-1], Resample)
+                out.append(Local(m, radius=2 * n + (1 if down else 0), down=2 if down else 1, blocks=True))
+            else:  # UpBlock: n + 1 residual blocks, then nearest ×2 and a 3×3 (if any)
+                up = m.avg_shortcut is not None
+                out.append(Local(m, radius=2 * (n + 1) + (1 if up else 0), up=2 if up else 1))
         return out
 
+    def encode_chain(self) -> list[Local]:
+        """The encoder down to latent resolution, as local stages ``fn(x, state)``."""
+        e, p = self.encoder, self.config.patch
+        pre = [Local(lambda t, s: patchify(t, p), radius=0, down=p, blocks=True)] if p > 1 else []
+        return [*pre, Local(e.conv1, radius=1), *self._locals(e.downsamples[:self._enc_split()])]
+
+    def decode_chain(self) -> list[Local]:
+        """The decoder from its first upsampler on, as local stages ``fn(x, state)``."""
+        d, p = self.decoder, self.config.patch
+        first: list[Local] = []
+        ups = d.upsamples[self._dec_split():]
+        if self.config.residual and d.upsamples[0].avg_shortcut is not None:
+            first, ups = [Local(self._dec_first_up, radius=1, up=2)], d.upsamples[1:]
+        elif self.config.residual:
+            ups = d.upsamples[1:]
+        post = [Local(lambda t, s: unpatchify(t, p), radius=0, up=p)] if p > 1 else []
+        return [*first, *self._locals(ups),
+                Local(lambda t, s: d.head[2](F.silu(d.head[0](t)), s).clamp(-1.0, 1.0), radius=1), *post]
+
+    def video_plan(self, kind: str, frames: int) -> list[Segment]:
+        """The streamed plan of a video call: local chains tiled, the mid block whole (at latent resolution)."""
+        f, ft = self.config.downscale, self.config.temporal_scale
+        if kind == "encode":
+            per_latent = [(i, i + 1, i, i + 1) for i in range(1 + (frames - 1) // CHUNK)]
+            return [Segment(self.encode_chain(), encode_chunks(frames), 1),
+                    Segment(Whole(self._enc_whole), per_latent, f)]
+        per_latent = [(i, i + 1, i, i + 1) for i in range(frames)]
+        return [Segment(Whole(self._dec_whole), per_latent, f),
+                Segment(self.decode_chain(), decode_chunks(frames, ft), f)]
+
+    # the image case (run by vae_core.tiling.halo: 4-D stages, no state)
+    @staticmethod
+    def _image(stage: Union[Local, Whole]) -> Union[Local, Whole]:
+        def fn(t: torch.Tensor, g=stage.fn) -> torch.Tensor:
+            return g(t.unsqueeze(2), None).squeeze(2)
+        if isinstance(stage, Whole):
+            return Whole(fn, stage.up, stage.down)
+        return Local(fn, stage.radius, stage.up, stage.down, stage.blocks)
+
     def encode_stages(self) -> list[Union[Local, Whole]]:
-        e = self.encoder
-        return [Local(e.conv1, radius=1), *self._blocks(e.downsamples), Whole(e.middle),
-                Local(lambda t: self._mean(e.head(t)), radius=1)]
+        return [self._image(s) for s in (*self.encode_chain(), Whole(self._enc_whole))]
 
     def decode_stages(self) -> list[Union[Local, Whole]]:
-        d = self.decoder
-        return [Local(lambda t: d.conv1(self.conv2(t)), radius=1), Whole(d.middle), *self._blocks(d.upsamples),
-                Local(lambda t: d.head(t).clamp(-1.0, 1.0), radius=1)]
+        return [self._image(s) for s in (Whole(self._dec_whole), *self.decode_chain())]

@@ -1,0 +1,270 @@
+"""Exact tiling of causal video networks in space *and* time, streaming over frames with bounded memory.
+
+A causal video VAE (the Wan design) runs its reference schedule chunk by chunk: each causal 3-D conv keeps the last
+frames of its input in a feature cache (:class:`CausalState`) and prepends them to the next chunk. Its per-frame
+operations are local in space (3×3 convs, a norm over channels, stride-2 resamplers) apart from the mid block's
+attention over each whole frame at latent resolution. So a call is planned as :class:`Segment` s in order:
+
+* a *tiled* segment is a chain of :class:`~vae_core.tiling.halo.Local` stages whose ``fn(x, state)`` takes a window
+  ``[B, C, t, h, w]`` of one chunk. For each spatial tile the window that the tile's core needs (halos from
+  :meth:`Local.needs`, aligned to every stride) runs through *all* chunks in order with its own state, so every
+  conv sees exactly the frames the reference gives it; only the core is kept. Window edges inside the frame are
+  zero-padded by the convs, but the halo keeps every kept pixel clear of them, in every frame, so the tiled result
+  equals the untiled reference to float rounding. Tile-outer order keeps one tile's cache alive at a time: memory is
+  one tile's window times one chunk, plus its cache, independent of the frame count and of the frame size.
+* a *whole* segment (the mid block) runs whole frames chunk by chunk with one state, at latent resolution.
+
+Between segments the result is held at that segment's (latent) resolution; the last segment writes into ``out``
+(the caller's tensor, e.g. on the CPU while the network runs on a GPU) piece by piece.
+
+Shapes: videos ``[B, C, T, H, W]``; chunks are ``(in_start, in_end, out_start, out_end)`` frame ranges.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..errors import Cancelled, VaeInputError
+from .geometry import Interval, split
+from .halo import Local, Whole, stage_sizes as _sizes, windows as _windows
+from .options import TileOptions
+
+__all__ = ["CausalState", "Segment", "Chunk", "run_segments", "stream_tiled", "estimate_working_set", "is_first"]
+
+#: ``(in_start, in_end, out_start, out_end)``: a chunk's input and output frame ranges.
+Chunk = tuple[int, int, int, int]
+
+
+class CausalState:
+    """The causal state of one streamed run (one spatial tile, or one whole-frame pass): per module, the input frames
+    its next chunk needs (``cache``), and the index of the chunk being run (``chunk``; 0 is the reference's first
+    chunk, which the Wan temporal resamplers treat specially). ``None`` in place of a state means "a single first
+    frame with nothing before it" (the image case)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[object, torch.Tensor] = {}
+        self.chunk = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.cache.values())
+
+
+def is_first(state: Optional[CausalState]) -> bool:
+    """Whether the chunk being run is the reference's first (always, for the image case ``state=None``)."""
+    return state is None or state.chunk == 0
+
+
+@dataclass
+class Segment:
+    """One step of a streamed plan.
+
+    Attributes:
+        stages: a chain of :class:`Local` stages (tiled) or one :class:`Whole` stage (whole frames); each ``fn`` is
+            ``fn(x [B, C, t, h, w], state) -> [B, C', t', h', w']``.
+        chunks: the reference's chunk schedule for this segment's input.
+        image_scale: image pixels per pixel of this segment's input (for the tile size).
+    """
+
+    stages: Union[list[Local], Whole]
+    chunks: list[Chunk]
+    image_scale: float
+
+
+def _check_strides(chain: Sequence[Local], sizes: list[tuple[int, int]]) -> None:
+    for st, (ih, iw) in zip(chain, sizes):
+        if st.down > 1 and (ih % st.down or iw % st.down):
+            raise VaeInputError(f"tiled input of {ih}×{iw} px at a stride-{st.down} stage; expected sides that are "
+                                f"multiples of {st.down}")
+
+
+def _alloc(out: Optional[torch.Tensor], like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if out is None:
+        return like.new_empty(shape)
+    if tuple(out.shape) != shape:
+        raise VaeInputError(f"out= of shape {tuple(out.shape)}; expected {shape}")
+    return out
+
+
+def _tile_chunk(chain: Sequence[Local], needs: list[tuple[Interval, Interval]], x: torch.Tensor,
+                state: CausalState) -> torch.Tensor:
+    """One chunk ``x [B, C, t, H, W]`` (whole frames) through ``chain`` in the window ``needs`` gives, cropped to the
+    next stage's window after every stage; returns the core."""
+    (r0, r1), (c0, c1) = needs[0]
+    t = x[:, :, :, r0:r1, c0:c1]
+    for i, st in enumerate(chain):
+        t = st.fn(t, state)
+        s0, s1 = st.out_start(r0), st.out_start(c0)
+        (r0, r1), (c0, c1) = needs[i + 1]
+        t = t[:, :, :, r0 - s0:r1 - s0, c0 - s1:c1 - s1]
+    return t
+
+
+def stream_tiled(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], core_px: int, frames_out: int,
+                 out: Optional[torch.Tensor] = None, step: Optional[Callable[[], None]] = None,
+                 state_type: type = CausalState) -> tuple[torch.Tensor, int, int]:
+    """Run ``chain`` on ``x [B, C, T, H, W]`` tile by tile, each tile through every chunk with its own state.
+
+    Returns:
+        ``(output [B, C', frames_out, H', W'], tiles, largest state bytes)``; ``step()`` is called after every
+        tile-chunk (progress and cancel).
+    """
+    sizes = _sizes(chain, x.shape[3], x.shape[4])
+    _check_strides(chain, sizes)
+    oh, ow = sizes[-1]
+    rows, cols = split(oh, core_px), split(ow, core_px)
+    peak = 0
+    for r in rows:
+        for c in cols:
+            needs = _windows(chain, sizes, r, c)
+            state = state_type()
+            for index, (i0, i1, o0, o1) in enumerate(chunks):
+                state.chunk = index
+                t = _tile_chunk(chain, needs, x[:, :, i0:i1], state)
+                if t.shape[2] != o1 - o0:
+                    raise RuntimeError(f"chunk {index} gave {t.shape[2]} frames; the schedule expects {o1 - o0}")
+                out = _alloc(out, t, (x.shape[0], t.shape[1], frames_out, oh, ow))
+                out[:, :, o0:o1, r[0]:r[1], c[0]:c[1]] = t
+                if step is not None:
+                    step()
+            peak = max(peak, state.nbytes)
+            del state
+    assert out is not None
+    return out, len(rows) * len(cols), peak
+
+
+def _stream_whole(stage: Whole, x: torch.Tensor, chunks: list[Chunk], frames_out: int,
+                  out: Optional[torch.Tensor], state_type: type) -> tuple[torch.Tensor, int]:
+    state = state_type()
+    for index, (i0, i1, o0, o1) in enumerate(chunks):
+        state.chunk = index
+        t = stage.fn(x[:, :, i0:i1], state)
+        out = _alloc(out, t, (x.shape[0], t.shape[1], frames_out, t.shape[3], t.shape[4]))
+        out[:, :, o0:o1] = t
+    assert out is not None
+    return out, state.nbytes
+
+
+def run_segments(segments: list[Segment], x: torch.Tensor, tile: Optional[int], opts: TileOptions,
+                 out: Optional[torch.Tensor] = None, state_type: type = CausalState) -> torch.Tensor:
+    """Run a streamed plan on ``x``; ``tile`` in image pixels (None: every chain untiled, still streamed).
+
+    Progress counts tile-chunks of the tiled segments; ``opts.cancel`` is checked between them (Cancelled).
+    The report says schedule ``"stream"``, the tiles of the largest chain and the largest causal state.
+    """
+    s0, (h0, w0) = segments[0].image_scale, x.shape[3:]
+    total = sum(len(s.chunks) * _tile_count(s, int(h0 * s0 / s.image_scale), int(w0 * s0 / s.image_scale), tile)
+                for s in segments if isinstance(s.stages, list))
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
+        if opts.progress is not None:
+            opts.progress(done[0], total)
+        if opts.cancel is not None and done[0] < total and opts.cancel():
+            raise Cancelled("tiled VAE call cancelled between tiles")
+
+    tiles, peak = 0, 0
+    for k, seg in enumerate(segments):
+        last = k == len(segments) - 1
+        frames_out = seg.chunks[-1][3]
+        if isinstance(seg.stages, Whole):
+            x, nbytes = _stream_whole(seg.stages, x, seg.chunks, frames_out, out if last else None, state_type)
+        else:
+            core = _core_px(seg, tile, x.shape[3], x.shape[4])
+            x, n, nbytes = stream_tiled(seg.stages, x, seg.chunks, core, frames_out, out if last else None, step,
+                                        state_type)
+            tiles = max(tiles, n)
+        peak = max(peak, nbytes)
+    if opts.report is not None:
+        opts.report.schedule, opts.report.tiles, opts.report.sweeps = "stream", tiles, 1
+        opts.report.cache_peak = peak
+    return x
+
+
+def _core_px(seg: Segment, tile: Optional[int], h: int, w: int) -> int:
+    """A chain's tile core in its output pixels (the whole frame when ``tile`` is None), for input ``h``×``w``."""
+    assert isinstance(seg.stages, list)
+    if tile is None:
+        oh, ow = _sizes(seg.stages, h, w)[-1]
+        return max(oh, ow, 1)
+    scale = float(seg.image_scale)
+    for st in seg.stages:
+        scale = scale * st.down / st.up
+    return max(8, int(tile / scale))
+
+
+def _tile_count(seg: Segment, h: int, w: int, tile: Optional[int]) -> int:
+    assert isinstance(seg.stages, list)
+    oh, ow = _sizes(seg.stages, h, w)[-1]
+    core = _core_px(seg, tile, h, w)
+    return len(split(oh, core)) * len(split(ow, core))
+
+
+def _largest_window(chain: Sequence[Local], h: int, w: int, core_px: int) -> tuple[Interval, Interval]:
+    """The output core whose input window is largest (an interior tile where there is one)."""
+    sizes = _sizes(chain, h, w)
+    oh, ow = sizes[-1]
+
+    def area(rc: tuple[Interval, Interval]) -> int:
+        (r0, r1), (c0, c1) = _windows(chain, sizes, *rc)[0]
+        return (r1 - r0) * (c1 - c0)
+
+    return max(((r, c) for r in split(oh, core_px) for c in split(ow, core_px)), key=area)
+
+
+def estimate_working_set(segments: list[Segment], x: torch.Tensor, tile: Optional[int],
+                         dtype: torch.dtype) -> dict[str, int]:
+    """Estimated peak bytes of :func:`run_segments` on ``x`` (a ``meta`` tensor of the real shape and ``dtype``;
+    ``segments`` from a ``meta`` twin of the network in ``dtype``), by a dry run of the largest tile through its
+    first three chunks.
+
+    Returns bytes of ``state`` (the largest tile's causal state in steady state, measured), ``activations`` (three
+    times the largest tensor one chunk of that tile creates: a block's input, its branch and its output in
+    flight), ``stores`` (the latent-resolution results held between segments, all frames) and ``output`` (what
+    ``out=`` saves when given), and ``total`` (all but the output).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    size = torch.empty((), dtype=dtype).element_size()
+    largest = [0]
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    largest[0] = max(largest[0], t.numel())
+            return out
+
+    state_bytes, stores, t = 0, 0, x
+    for k, seg in enumerate(segments):
+        frames_out = seg.chunks[-1][3]
+        h, w = t.shape[3], t.shape[4]
+        if isinstance(seg.stages, Whole):
+            probe = CausalState()
+            with Track():
+                for index, (i0, i1, _, _) in enumerate(seg.chunks[:3]):
+                    probe.chunk = index
+                    y = seg.stages.fn(t[:, :, i0:i1], probe)
+        else:
+            core = _core_px(seg, tile, h, w)
+            r, c = _largest_window(seg.stages, h, w, core)
+            sizes = _sizes(seg.stages, h, w)
+            needs = _windows(seg.stages, sizes, r, c)
+            probe = CausalState()
+            with Track():
+                for index, (i0, i1, _, _) in enumerate(seg.chunks[:3]):
+                    probe.chunk = index
+                    y = _tile_chunk(seg.stages, needs, t[:, :, i0:i1], probe)
+            oh, ow = sizes[-1]
+            y = y.new_empty((y.shape[0], y.shape[1], 1, oh, ow))
+        state_bytes = max(state_bytes, probe.nbytes)
+        t = y.new_empty((y.shape[0], y.shape[1], frames_out, y.shape[3], y.shape[4]))
+        if k < len(segments) - 1:
+            stores += t.numel() * size
+    return {"state": state_bytes, "activations": 3 * largest[0] * size, "stores": stores,
+            "output": t.numel() * size, "total": state_bytes + 3 * largest[0] * size + stores}
+
