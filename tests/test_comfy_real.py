@@ -77,6 +77,8 @@ def server(tmp_path_factory):
     _qwen().save_pretrained(base / "qwen-diffusers")  # a tiny random Qwen-Image VAE, saved in its original layout
     vae_core.save_vae(vae_core.load_vae(base / "qwen-diffusers"), base / "models" / "vae" / "qwen_image_vae.safetensors")
     save_file(_qwen_full_size(), str(base / "models" / "vae" / "qwen-full-random.safetensors"))
+    os.symlink(base / "models" / "vae" / "qwen-full-random.safetensors",  # the same design: a Wan 2.1 VAE for core
+               base / "models" / "vae" / "wan_2.1_vae.safetensors")
     from test_family_taef2 import DEC_POOL, ENC_POOL, _pool_tensors
     from test_family_tiny import _original_halves, _tiny
 
@@ -382,7 +384,7 @@ def test_qwen_image_vae_from_core_loader_runs_exact_tiling(server):
              "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 0]}},
              "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "qwen-enc"}}}
     outputs = _run(url, base, graph)
-    assert "halo tiling" in outputs["9"]["text"][0], outputs["9"]
+    assert "stream tiling" in outputs["9"]["text"][0], outputs["9"]  # a one-frame clip
     core = _saved(base, outputs, "8")
     assert core.std() > 5  # a non-trivial image
     assert np.abs(_saved(base, outputs, "6") - core).max() <= 1.0  # our exact tiled decode = core VAE Decode
@@ -466,3 +468,17 @@ def test_wan21_video_from_core_loader_runs_exact_streamed_tiling(server):
     peer = np.abs(_saved_frames(base, outputs, "s14") - core)
     print(f"core VAE Decode (Tiled), 64 px / 32 overlap: max {peer.max():.0f}/255, per frame "
           f"{[round(float(f.max())) for f in peer]}")
+
+
+def test_wan_video_example_runs_exact(server):
+    """examples/wan_video_tiled.api.json (a 5-frame clip through our tiled encode and decode, core VAE Decode beside
+    it) at a small size: our decode equals core's on every frame within 1/255."""
+    url, _, base = server
+    graph = json.loads((EXAMPLES / "wan_video_tiled.api.json").read_text())
+    graph["2"]["inputs"] |= {"width": 96, "height": 64}
+    for node in ("5", "6"):
+        graph[node]["inputs"]["tile_size"] = 64
+    outputs = _run(url, base, graph)
+    ours, core = _saved_frames(base, outputs, "7"), _saved_frames(base, outputs, "9")
+    assert ours.shape == core.shape == (5, 64, 96, 3) and np.abs(ours - core).max() <= 1.0
+    assert "stream tiling" in outputs["10"]["text"][0]

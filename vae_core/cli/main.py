@@ -26,8 +26,9 @@ from ..precision.dtypes import HOST_CHOICES
 from .args import cache_arg, device_arg, tile_arg
 from ..errors import VaeError, VaeInputError
 from ..families.scaling import FAMILIES
-from ..io.images import check_latent_output, image_format, latent_metadata, load_image, load_latent, save_image, \
-    save_latent
+from ..io.images import check_latent_output, image_format, latent_metadata, latent_ndim, load_image, load_latent, \
+    save_image, save_latent
+from ..io.video import DEFAULT_FPS, VIDEO_SUFFIXES, is_video_path, load_video, need_pyav, save_video
 from ..lab.metrics import signed_psnr as psnr
 from ..loading import load_vae, save_vae
 from ..precision.calibrate import calibration_image, measure_peaks
@@ -213,17 +214,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_input(path: Path) -> tuple[torch.Tensor, Optional[float]]:
+    """An image ``[1, 3, H, W]``, or a video (frame folder, video file) ``[1, 3, F, H, W]`` and its fps."""
+    if is_video_path(path):
+        return load_video(path)
+    return load_image(path), None
+
+
+def _check_video_output(out: Path, inputs: Sequence[Path]) -> None:
+    check_not_input(out, inputs)
+    check_writable_target(out, folder_ok=not out.suffix)
+    if not is_video_path(out, output=True):
+        raise VaeInputError(f"{out}: a video needs a video output; expected a folder path (frames as PNGs) or one "
+                            f"of {sorted(VIDEO_SUFFIXES)}")
+    if out.suffix:
+        need_pyav(out)  # before any work
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     out, image = Path(args.output), Path(args.image)
     vae_path = _vae_path(args)
     _check_output(out, [image, vae_path])
     check_latent_output(out)
-    x = load_image(image)
+    x, fps = _read_input(image)
     vae = _load(args, vae_path)
     z = vae.encode(x, tile=args.tile, mode=args.mode, progress=_progress("encode"),
                    cache_bytes=args.cache_bytes)
     meta = {"family": vae.info.family, "scaling_factor": repr(vae.info.scaling_factor),
             "shift_factor": repr(vae.info.shift_factor), "note": "raw (unscaled) posterior mean"}
+    if x.ndim == 5:
+        meta |= {"frames": str(x.shape[2]), "fps": repr(fps or DEFAULT_FPS)}
     _write(out, lambda: save_latent(z, out, meta))
     print(f"wrote {out}: latent {tuple(z.shape)}, mean {z.mean():.4f}, std {z.std():.4f}")
     return 0
@@ -232,6 +252,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     out, latent = Path(args.output), Path(args.latent)
     vae_path = _vae_path(args)
+    if latent_ndim(latent) == 5:  # a video latent (from the header alone): a video output, checked before work
+        return _decode_video(args, out, latent, vae_path)
     _check_output(out, [latent, vae_path])
     image_format(out)
     z = load_latent(latent)
@@ -253,6 +275,20 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decode_video(args: argparse.Namespace, out: Path, latent: Path, vae_path: Path) -> int:
+    _check_video_output(out, [latent, vae_path])
+    z = load_latent(latent)
+    if z.shape[0] != 1:
+        raise VaeInputError(f"{latent}: a batch of {z.shape[0]} latent videos; expected one ([1, C, T, h, w])")
+    meta = latent_metadata(latent)
+    fps = args.fps or float(meta.get("fps", DEFAULT_FPS))
+    vae = _load(args, vae_path)
+    y = vae.decode(z, tile=args.tile, mode=args.mode, progress=_progress("decode"), cache_bytes=args.cache_bytes)
+    _write(out, lambda: save_video(y, out, fps))
+    print(f"wrote {out}: {y.shape[2]} frames of {y.shape[4]}x{y.shape[3]}" + (f" at {fps:g} fps" if out.suffix else ""))
+    return 0
+
+
 def cmd_roundtrip(args: argparse.Namespace) -> int:
     out = Path(args.output)
     vae_path = _first_vae_path(args)
@@ -261,9 +297,13 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
         image = _bundled("sample.png", "image", "sample photo", "an IMG argument")
         print(f"no image given: using the bundled sample photo {image}")
     image = Path(image)
-    _check_output(out, [image, vae_path])
-    image_format(out)
-    x = load_image(image)
+    video = is_video_path(image)
+    if video:
+        _check_video_output(out, [image, vae_path])
+    else:
+        _check_output(out, [image, vae_path])
+        image_format(out)
+    x, fps = _read_input(image)
     vae = _load(args, vae_path)
     t0 = time.perf_counter()
     z = vae.encode(x, tile=args.tile, mode=args.mode, progress=_progress("encode"),
@@ -271,6 +311,13 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     y = vae.decode(z, tile=args.tile, mode=args.mode, progress=_progress("decode"),
                    cache_bytes=args.cache_bytes)
     dt = time.perf_counter() - t0
+    if video:
+        _write(out, lambda: save_video(y, out, args.fps or fps))
+        per_frame = [psnr(x[:, :, i], y[:, :, i]) for i in range(y.shape[2])]
+        print(f"{vae}\nround trip of {y.shape[2]} frames {y.shape[4]}x{y.shape[3]} -> latent {tuple(z.shape[1:])} in "
+              f"{dt:.2f} s; PSNR per frame: min {min(per_frame):.2f} dB, mean {sum(per_frame) / len(per_frame):.2f} "
+              f"dB; wrote {out}")
+        return 0
     h, w = y.shape[2], y.shape[3]
     _write(out, lambda: save_image(y, out))
     print(f"{vae}\nVAE: {vae.info.family} ({vae.family.label}), {vae.info.parameters:,} parameters")
@@ -303,8 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--family", type=_family, default=None)
     s.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser("encode", help="image -> raw latent .safetensors")
-    s.add_argument("image", help="8/16-bit or float image (EXIF orientation applied, alpha dropped, first frame)")
+    s = sub.add_parser("encode", help="image or video -> raw latent .safetensors")
+    s.add_argument("image", help="8/16-bit or float image (EXIF orientation applied, alpha dropped, first frame); "
+                   "for video VAEs (Wan) also a folder of numbered frames or an .mp4/.webm/.mov/.mkv file (PyAV), "
+                   "1 + 4k frames")
     s.add_argument("-o", "--output", required=True, help="a .safetensors latent file")
     _add_run_args(s)
     s.set_defaults(fn=cmd_encode)
@@ -314,13 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "gives OUT-0.png .. OUT-<N-1>.png (all paths are printed).")
     s.add_argument("latent")
     s.add_argument("-o", "--output", required=True,
-                   help="image path; its extension picks the format (.png, .jpg, .webp, .tif...)")
+                   help="image path; its extension picks the format (.png, .jpg, .webp, .tif...); a video latent: "
+                   "a folder (numbered PNG frames) or an .mp4/.webm/.mov/.mkv file")
+    s.add_argument("--fps", type=float, default=None, help="video output frame rate (default: the latent's, else "
+                   f"{DEFAULT_FPS:g})")
     _add_run_args(s)
     s.set_defaults(fn=cmd_decode)
 
     s = sub.add_parser("roundtrip", help="encode then decode an image and print the PSNR")
     s.add_argument("image", nargs="?", default=None, help="default: the bundled sample photo")
-    s.add_argument("-o", "--output", default="roundtrip.png")
+    s.add_argument("-o", "--output", default="roundtrip.png", help="an image, or for a video input a folder or "
+                   "video file")
+    s.add_argument("--fps", type=float, default=None, help="video output frame rate (default: the input's)")
     _add_run_args(s)
     s.set_defaults(fn=cmd_roundtrip)
 

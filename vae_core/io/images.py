@@ -177,8 +177,23 @@ def latent_metadata(path: PathLike) -> dict[str, str]:
     return dict(read_weights(path).metadata or {})
 
 
+def latent_ndim(path: PathLike) -> Optional[int]:
+    """The number of dimensions of a ``.safetensors`` latent file's tensor (``latent``, or its only one), read from
+    the header alone; None when the file is not such a file (:func:`load_latent` then says what is wrong)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            key = "latent" if "latent" in keys else (keys[0] if len(keys) == 1 else None)
+            return None if key is None else len(f.get_slice(key).get_shape())
+    except Exception:  # noqa: BLE001 - anything unreadable is load_latent's to describe
+        return None
+
+
 def load_latent(path: PathLike) -> torch.Tensor:
-    """A ``.safetensors`` latent file (key ``latent``, or its only tensor) → float32 ``[B, C, h, w]``."""
+    """A ``.safetensors`` latent file (key ``latent``, or its only tensor) → float32 ``[B, C, h, w]`` (a video's:
+    ``[B, C, T, h, w]``)."""
     from .formats import read_weights
 
     raw = read_weights(path)
@@ -189,6 +204,7 @@ def load_latent(path: PathLike) -> torch.Tensor:
     t = t.float()
     if t.ndim == 3:
         t = t[None]
-    if t.ndim != 4:
-        raise VaeInputError(f"{path}: latent of shape {tuple(t.shape)}; expected [B, C, h, w] or [C, h, w]")
+    if t.ndim not in (4, 5):
+        raise VaeInputError(f"{path}: latent of shape {tuple(t.shape)}; expected [B, C, h, w], [C, h, w] or a "
+                            "video's [B, C, T, h, w]")
     return t

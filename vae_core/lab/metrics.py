@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "signed_psnr", "snr", "ssim", "ms_ssim", "MS_SSIM_WEIGHTS", "MS_SSIM_MIN_SIDE", "SSIM_MIN_SIDE",
+__all__ = ["psnr", "signed_psnr", "snr", "frame_psnrs", "temporal_seam", "ssim", "ms_ssim", "MS_SSIM_WEIGHTS", "MS_SSIM_MIN_SIDE", "SSIM_MIN_SIDE",
            "heatmap", "to_unit"]
 
 #: MS-SSIM's per-scale exponents (Wang, Simoncelli & Bovik 2003, Table 1).
@@ -64,6 +64,33 @@ def snr(ref: torch.Tensor, test: torch.Tensor) -> float:
     latents, which have no fixed range."""
     err = float((ref.double() - test.double()).square().mean())
     return math.inf if err == 0 else 10 * math.log10(float(ref.double().square().mean()) / err)
+
+
+def _check_video(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape or a.ndim != 5:
+        raise ValueError(f"metric inputs of shapes {tuple(a.shape)} and {tuple(b.shape)}; expected two [B, C, F, H, W] "
+                         "videos of the same shape")
+
+
+def frame_psnrs(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Per-frame :func:`signed_psnr` of two videos ``[B, 3, F, H, W]`` in [-1, 1]."""
+    _check_video(a, b)
+    return [signed_psnr(a[:, :, f], b[:, :, f]) for f in range(a.shape[2])]
+
+
+def temporal_seam(video: torch.Tensor, reference: torch.Tensor) -> float:
+    """The largest *excess* frame-to-frame change of ``video`` over ``reference``'s, in 8-bit levels: max over
+    frames ``f ≥ 1`` and pixels of ``|v[f] − v[f−1]| − |r[f] − r[f−1]|``, both quantised to 8 bits as a saved
+    video is.
+    0 when the video changes between frames exactly as the reference does; a tiler that restarts its causal cache or
+    blends temporal tiles shows it as flicker at its boundaries. Videos ``[B, 3, F, H, W]`` in [-1, 1]."""
+    _check_video(video, reference)
+    q = lambda t: ((t.double().clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
+    v, r = q(video), q(reference)
+    if v.shape[2] < 2:
+        return 0.0
+    excess = (v[:, :, 1:] - v[:, :, :-1]).abs() - (r[:, :, 1:] - r[:, :, :-1]).abs()
+    return max(0.0, float(excess.max()))
 
 
 def _window(channels: int, device: torch.device) -> torch.Tensor:
