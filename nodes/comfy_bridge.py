@@ -25,7 +25,7 @@ from ..vae_core import Vae, VaeLoadError
 from ..vae_core.hosts.attach import HostEngine
 from ..vae_core.hosts.guard import guard_methods
 from ..vae_core.lab.measure import timed, timed_roundtrip
-from ..vae_core.tiling.memory import estimate_bytes, plan_call, tile_bytes
+from ..vae_core.tiling.memory import ESTIMATE_MARGIN, estimate_bytes, plan_call, tile_bytes
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,10 @@ def engine_for(cvae: Any) -> HostEngine:
     return engine
 
 
-def run_engine(cvae: Any, fn: Callable[[Vae, Optional[int]], torch.Tensor], image_shape: tuple[int, int, int],
+def run_engine(cvae: Any, fn: Callable[[Vae, Optional[int], str], torch.Tensor], image_shape: tuple[int, int, int],
                tile: Any, video: Optional[tuple[str, int]] = None) -> torch.Tensor:
-    """Run ``fn(vae, tile)`` on the engine of ``cvae`` after ComfyUI's model management has loaded the VAE.
+    """Run ``fn(vae, tile, schedule)`` on the engine of ``cvae`` after ComfyUI's model management has loaded the
+    VAE (``schedule``: the video schedule to run, ``"auto"`` for images).
 
     ``image_shape`` is ``(batch, height, width)`` of the images decoded or encoded; ``tile`` an edge in px, None
     (untiled) or ``"auto"``. For ``"auto"`` the call is planned against the device's *total* usable memory first
@@ -155,28 +156,41 @@ def run_engine(cvae: Any, fn: Callable[[Vae, Optional[int]], torch.Tensor], imag
     ``video``: ``(kind, pixel frames)`` of a video call; its working set is the family's streamed estimate
     (:meth:`~vae_core.families.wan.family.WanFamily.video_working_set`), and ``"auto"`` means 512-px tiles (the
     streamed working set does not grow with the frame count, so the default tile fits any clip that an image of
-    the frame size fits).
+    the frame size fits). It is planned against the device's total usable memory too: level-major (about the
+    untiled cost) where its working set fits there, so model management evicts other models only for that; else
+    tile-major (least memory).
     """
     engine = engine_for(cvae)
     model = engine.vae.model
     dtype = engine.vae.guard.working_dtype or getattr(cvae, "vae_dtype", torch.float32)
     batch, height, width = image_shape
+    schedule = "auto"
     if video is not None:
         tile = VIDEO_AUTO_TILE if tile == "auto" else tile
-        need = engine.vae.family.video_working_set(model, video[0], video[1], height, width, tile, dtype)["total"]
+        family = engine.vae.family
+        level = family.video_working_set(model, video[0], video[1], height, width, tile, dtype, "level")["total"]
+        if level * ESTIMATE_MARGIN <= _usable(cvae):
+            schedule, need = "level", level
+        else:
+            schedule = "tile"
+            need = family.video_working_set(model, video[0], video[1], height, width, tile, dtype, "tile")["total"]
     elif tile == "auto":
-        device = getattr(cvae, "device", None) or mm.get_torch_device()
-        weights = mm.module_size(cvae.first_stage_model) if hasattr(mm, "module_size") else 0
-        reserved = mm.extra_reserved_memory() if hasattr(mm, "extra_reserved_memory") else 0
-        usable = int(mm.get_total_memory(device)) - int(weights) - int(reserved)
-        tile, need = plan_call(model, height, width, batch, dtype, usable)
+        tile, need = plan_call(model, height, width, batch, dtype, _usable(cvae))
     elif tile is None:
         need = estimate_bytes(model, batch * height * width, dtype)
     else:
         need = tile_bytes(model, int(tile), dtype)
     mm.load_models_gpu([cvae.patcher], memory_required=need, force_full_load=True)
     with engine.attached() as vae:
-        return fn(vae, tile)
+        return fn(vae, tile, schedule)
+
+
+def _usable(cvae: Any) -> int:
+    """The device's total memory less what must stay: the VAE's weights and ComfyUI's reserve."""
+    device = getattr(cvae, "device", None) or mm.get_torch_device()
+    weights = mm.module_size(cvae.first_stage_model) if hasattr(mm, "module_size") else 0
+    reserved = mm.extra_reserved_memory() if hasattr(mm, "extra_reserved_memory") else 0
+    return int(mm.get_total_memory(device)) - int(weights) - int(reserved)
 
 
 def comfy_tiled(cvae: Any, method: str, t: torch.Tensor, tile: int) -> torch.Tensor:
@@ -234,7 +248,7 @@ def comfy_roundtrip(cvae: Any, x: torch.Tensor, tile: int, mode: str, precision:
         return img.movedim(-1, 1).float().cpu() * 2 - 1, seconds, how
     ran: dict[str, Any] = {}
 
-    def call(v: Vae, planned: Optional[int]) -> torch.Tensor:
+    def call(v: Vae, planned: Optional[int], schedule: str) -> torch.Tensor:
         y, ran["seconds"], ran["how"] = timed_roundtrip(v, x, planned, mode, precision, tile_label=tile)
         return y
 

@@ -131,8 +131,8 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, im
     report = TileReport()
     normalised = getattr(vae.first_stage_model, "normalised_latents", False)  # Flux.2 on an engine-backed VAE
 
-    def call(v: Any, planned: Any) -> torch.Tensor:
-        kw = dict(tile=planned, mode=mode, progress=progress, cancel=cancel, report=report)
+    def call(v: Any, planned: Any, schedule: str) -> torch.Tensor:
+        kw = dict(tile=planned, mode=mode, progress=progress, cancel=cancel, report=report, schedule=schedule)
         if method == "decode":
             return v.decode(v.unscale_latents(t) if normalised else t, **kw)
         z = v.encode(t, **kw)

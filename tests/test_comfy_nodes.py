@@ -440,10 +440,14 @@ def test_report_says_how_much_was_pinned(comfy):
     assert "pinned" not in nodes.describe(TileReport(schedule="level-major", tiles=4, sweeps=22), 512)
 
 
-def test_wan_video_through_core_style_vae_runs_the_exact_streamed_engine(comfy, tmp_path):
+@pytest.mark.parametrize("memory", ["large", "small"])
+def test_wan_video_through_core_style_vae_runs_the_exact_streamed_engine(comfy, tmp_path, monkeypatch, memory):
     """A Wan 2.1 VAE as core builds it (original keys, video latents [B, C, T, h, w]): our tiled decode of a
     3-latent-frame clip gives core's 9 frames (IMAGE batch), our tiled encode of 9 frames core's latent clip,
-    both within 1e-4, tiled in space and streamed in time (progress per tile and chunk)."""
+    both within 1e-4, tiled in space and streamed in time (progress per tile and chunk). Planned against the
+    device's total memory: level-major (the whole frame's causal states) where its working set fits, and model
+    management asked for that; else tile-major, asking only for one tile's working set."""
+    import comfy.model_management as mm
     import comfy.sd as csd
     from safetensors.torch import load_file
     from test_family_wan_video import _reference
@@ -455,14 +459,26 @@ def test_wan_video_through_core_style_vae_runs_the_exact_streamed_engine(comfy, 
     assert cvae.latent_dim == 3
     z = torch.randn(1, 16, 3, 10, 12, generator=torch.Generator().manual_seed(4))
     want = cvae.decode(z).reshape(-1, 80, 96, 3)
+    model = sys.modules["vae_pack_under_test.nodes.comfy_bridge"].engine_for(cvae).vae.model
+    family = sys.modules["vae_pack_under_test.nodes.comfy_bridge"].engine_for(cvae).vae.family
+    level, tile = (family.video_working_set(model, "decode", 9, 80, 96, 64, torch.float32, s)["total"]
+                   for s in ("level", "tile"))
+    assert tile < level
+    total = 64 * 2**30 if memory == "large" else mm.module_size(cvae.first_stage_model) + (tile + level) // 2
+    monkeypatch.setattr(mm, "total_memory", total)
+    mm.load_calls.clear()
     image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, cvae, 64, "exact")
+    (_, need, _), = mm.load_calls
     assert image.shape == (9, 80, 96, 3) and (image - want).abs().max() < 1e-4
-    assert "stream tiling, 4 tiles" in note, note
+    if memory == "large":
+        assert need == level and "stream-levels tiling" in note, (need, level, note)
+    else:
+        assert need == tile and "stream tiling, 4 tiles" in note, (need, tile, note)
     frames = want[:5]  # IMAGE: 5 frames, one clip
     latent, note = _node(comfy, "VaePackEncodeTiled").encode(frames, cvae, 64, "exact")
     core = cvae.encode(frames)
     assert latent["samples"].shape == core.shape == (1, 16, 2, 10, 12)
-    assert (latent["samples"] - core).abs().max() < 1e-4 and "stream tiling" in note
+    assert (latent["samples"] - core).abs().max() < 1e-4 and "stream" in note
     with pytest.raises(Exception, match="6 frames; expected 1 \\+ 4k") as err:  # the pack's own copy of vae_core
         _node(comfy, "VaePackEncodeTiled").encode(want[:6], cvae, 64, "exact")
     assert type(err.value).__name__ == "VaeInputError"

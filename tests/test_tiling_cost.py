@@ -100,21 +100,30 @@ def test_cache_needed_scales_with_area():
 
 
 WAN_CONFIGS = {"2.1": dict(), "2.2": dict(base_dim=160, decoder_base_dim=256, z_dim=48, residual=True, patch=2)}
-#: the tiled/untiled FLOP ratios BENCHMARKS.md reports for Wan at 1280×720 (81 frames) plus 2 %: what we claim
-WAN_BOUNDS = {("2.1", "decode"): (1.25, 1.13), ("2.1", "encode"): (1.45, 1.22),
-              ("2.2", "decode"): (1.70, 1.33), ("2.2", "encode"): (2.03, 1.48)}
+#: the tiled/untiled FLOP ratios BENCHMARKS.md reports for Wan at 1280×720 (81 frames) plus 2 %, (256, 512)-px tiles:
+#: tile-major (least memory) and level-major (what runs when the cache budget holds the frame's causal states)
+WAN_BOUNDS = {("2.1", "decode"): {"tile": (1.25, 1.13), "level": (1.05, 1.03)},
+              ("2.1", "encode"): {"tile": (1.40, 1.20), "level": (1.05, 1.03)},
+              ("2.2", "decode"): {"tile": (1.52, 1.25), "level": (1.06, 1.03)},
+              ("2.2", "encode"): {"tile": (2.03, 1.48), "level": (1.08, 1.03)}}
+#: the issue's target for the level-major schedule at 1280×720 with 256- and 512-px tiles
+WAN_TARGET = 1.15
 
 
 @pytest.mark.parametrize("version,op", list(WAN_BOUNDS))
 def test_wan_video_tiling_cost_at_real_widths(version, op):
     """Exact streamed tiling of a 1280×720 clip (9 frames; the ratio is per frame) at Wan's real widths, counted on
-    the meta device: at most the bounds recorded in BENCHMARKS.md for 256- and 512-px tiles, more than the untiled
-    call (halos are recomputed), and cheaper with the larger tile."""
+    the meta device: at most the bounds recorded in BENCHMARKS.md for 256- and 512-px tiles in both schedules, more
+    than the untiled call (halos are recomputed), cheaper with the larger tile, level-major within the target and
+    cheaper than tile-major."""
     from vae_core.families.wan.model import WanConfig
-    from vae_core.lab.bench import video_flop_ratio
+    from vae_core.lab.bench_video import video_flop_ratio
 
     cfg = WanConfig(**WAN_CONFIGS[version])
-    r256, r512 = (video_flop_ratio(cfg, op, 9, 720, 1280, tile) for tile in (256, 512))
-    b256, b512 = WAN_BOUNDS[(version, op)]
-    assert 1.0 < r512 < r256, (r256, r512)
-    assert r256 <= b256 and r512 <= b512, (r256, r512)
+    got = {sch: [video_flop_ratio(cfg, op, 9, 720, 1280, tile, sch) for tile in (256, 512)]
+           for sch in ("tile", "level")}
+    for sch, (r256, r512) in got.items():
+        b256, b512 = WAN_BOUNDS[(version, op)][sch]
+        assert 1.0 < r512 < r256, (sch, r256, r512)
+        assert r256 <= b256 and r512 <= b512, (sch, r256, r512)
+    assert max(got["level"]) <= WAN_TARGET and all(a < b for a, b in zip(got["level"], got["tile"])), got

@@ -224,11 +224,13 @@ class Vae:
 
     def encode(self, x: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
                progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,
-               cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None) -> torch.Tensor:
+               cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None,
+               schedule: str = "auto") -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] (H, W ≥ 8; not multiples of 8 are floored like the reference) →
         raw posterior means ``[B, C, H//8, W//8]`` float32. Video families (Wan) also take videos
         ``[B, 3, 1 + 4k, H, W]`` → ``[B, C, 1 + k, H/f, W/f]``; ``tile`` is then the spatial tile (exact in space and
-        time, see :mod:`vae_core.tiling.stream`).
+        time, see :mod:`vae_core.tiling.stream`) and ``schedule`` (videos only) ``"level"`` (least compute),
+        ``"tile"`` (least memory) or ``"auto"`` (level-major where it fits).
 
         Raises:
             VaeInputError: wrong shape/dtype, NaN/inf, or values beyond ±:data:`ENCODE_RANGE_LIMIT` (e.g. 0..255
@@ -241,18 +243,19 @@ class Vae:
                                 f"beyond ±{ENCODE_RANGE_LIMIT:g} are refused: 0..255 pixels must be divided by 127.5 "
                                 "and shifted by -1 first)")
         opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
-                                  report=report)
+                                  report=report, schedule=schedule)
         return self._call("encode", x, engine.encode, opts)
 
     def decode(self, z: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
                progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,
-               cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None) -> torch.Tensor:
+               cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None,
+               schedule: str = "auto") -> torch.Tensor:
         """Raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]`` float32, about [-1, 1] (not clamped). Video
         families: ``[B, C, T, h, w]`` → ``[B, 3, 1 + 4(T − 1), f·h, f·w]`` (Wan clamps to [-1, 1], as its
-        reference does)."""
+        reference does); ``schedule`` as in :meth:`encode`."""
         z = self._check(z, "decode input", self.info.latent_channels, 1)
         opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
-                                  report=report)
+                                  report=report, schedule=schedule)
         return self._call("decode", z, engine.decode, opts)
 
     def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""argparse types shared by the CLI's commands: ``--tile``, ``--device``, ``--cache-bytes``."""
+"""argparse types shared by the CLI's commands: ``--tile``, ``--device``, ``--cache-bytes``, ``--size``."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ from typing import Any
 from ..devices import parse_device
 from ..errors import VaeInputError
 
-__all__ = ["tile_arg", "device_arg", "cache_arg"]
+__all__ = ["tile_arg", "device_arg", "cache_arg", "size_arg"]
 
 
 def tile_arg(value: str) -> object:
@@ -45,3 +45,16 @@ def cache_arg(value: str) -> Any:
     if n < 0:
         raise argparse.ArgumentTypeError(f"--cache-bytes {value!r}: expected 'auto' or an int ≥ 0 (bytes)")
     return n
+
+
+def size_arg(value: str) -> tuple[int, int]:
+    """argparse type of ``bench --size``: ``N`` (a square) or ``WxH``, each side 8..65536 px → ``(W, H)``."""
+    parts = value.lower().split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        w = h = -1
+    if len(parts) > 2 or not (8 <= w <= 65536 and 8 <= h <= 65536):
+        raise argparse.ArgumentTypeError(f"--size {value!r}: expected N or WxH with sides of 8..65536 px "
+                                         "(e.g. 512 or 1280x720)")
+    return w, h

@@ -1,7 +1,11 @@
 """``python -m vae_core eval``: the VAE lab on the command line (see :mod:`vae_core.lab`).
 
     python -m vae_core eval IMAGES... --vae A [--vae B ...] [--dtype fp32 bf16 fp16 fp16-fix] [--tile none 512]
-                            [--mode exact fast diffusers] [--size N] -o report/
+                            [--mode exact fast diffusers] [--size N] [--clips] -o report/
+
+Inputs are images, image folders, and clips: video files (.mp4/.webm/.mov/.mkv, through PyAV) or, with ``--clips``,
+folders of numbered frames. A clip runs through a video VAE (Wan) whole and through an image VAE frame by frame; its
+metrics are means over the frames plus the worst frame, and a tiled run's temporal seam against its untiled run.
 
 Without images it uses the bundled sample photo, without ``--vae`` the bundled test VAE (and says so). Writes
 ``report.html``, ``results.csv``, ``summary.csv`` and ``results.json`` into the output folder and prints the
@@ -160,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..io.paths import check_not_input, check_writable_target
 
     if args.images:
-        images = find_images(args.images)
+        images = find_images(args.images, clips=args.clips)
     else:
         sample = bundled_fixture("sample.png")
         if not sample.is_file():
@@ -187,7 +191,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     created = _prepare_output(out)
     try:
         result = run_lab(images, vaes, args.dtype, args.tile, args.mode, size=args.size,
-                         cache_bytes=args.cache_bytes, lpips=lpips_fn, progress=_progress(), panels=make_panels)
+                         cache_bytes=args.cache_bytes, lpips=lpips_fn, progress=_progress(), panels=make_panels,
+                         clips=args.clips)
         command = "python -m vae_core " + " ".join(shlex.quote(a) for a in (args.argv or ["eval"]))
         paths = write_report(result, out, command)
     except BaseException:
@@ -195,7 +200,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise
     rows = aggregate(result)
     keys = [(k, lab, unit) for k, lab, unit, _ in METRICS if any(row[k] is not None for row in rows)]
-    print(f"\n{len(result.images)} image(s) on {result.machine['device']}, torch {result.machine['torch']}")
+    n_clips = sum("frames" in im for im in result.images)
+    what = ", ".join(f"{n} {kind}(s)" for n, kind in ((len(result.images) - n_clips, "image"), (n_clips, "clip"))
+                     if n)
+    print(f"\n{what} on {result.machine['device']}, torch {result.machine['torch']}")
     print("| setting | ran as | " + " | ".join(f"{lab}{' (' + unit + ')' if unit else ''}" for _, lab, unit in keys)
           + " |")
     print("|---|---|" + "---|" * len(keys))
@@ -217,7 +225,10 @@ def add_eval_parser(sub: Any) -> None:
     s = sub.add_parser("eval", help="VAE lab: PSNR/SSIM/MS-SSIM, time and memory of VAEs, dtypes and tilers on "
                        "your images, with an HTML report", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("images", nargs="*", help="image files or folders (default: the bundled sample photo)")
+    s.add_argument("images", nargs="*", help="image files or folders, video files (default: the bundled sample "
+                   "photo)")
+    s.add_argument("--clips", action="store_true", help="read each folder given as one clip of numbered frames "
+                   "(00000.png, ...) instead of a folder of images")
     s.add_argument("--vae", action="append", help="VAE file or diffusers folder; repeat to compare "
                    "(default: the bundled test VAE)")
     s.add_argument("--dtype", nargs="+", default=["fp32"], choices=DTYPE_CHOICES,
@@ -225,7 +236,8 @@ def add_eval_parser(sub: Any) -> None:
     s.add_argument("--tile", nargs="+", type=_tile, default=[None], help="'none' (untiled) and/or tile edges in "
                    "image px; each tiled run is also compared with its untiled run")
     s.add_argument("--mode", nargs="+", default=["exact"], choices=MODE_CHOICES,
-                   help="tiling modes: vae_core exact/fast, and diffusers' enable_tiling as a peer row (kl-f8 VAEs)")
+                   help="tiling modes: vae_core exact/fast, and diffusers' enable_tiling as a peer row (kl-f8 VAEs, "
+                        "Wan VAEs)")
     s.add_argument("--size", type=_size, default=None, help="resize the shorter side to N and centre-crop N×N "
                    "(the model cards' protocol); default: each image as it is")
     s.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -177,8 +177,10 @@ class Family:
         raise VaeInputError(f"{kind} input of shape {tuple(t.shape)}: a video, but {self.label} takes images only")
 
     def video_working_set(self, model: nn.Module, kind: str, frames: int, height: int, width: int,
-                          tile: Optional[int], dtype: torch.dtype = torch.float32) -> dict[str, int]:
-        """Estimated peak bytes of a video call (``total``, and its parts), for the video families."""
+                          tile: Optional[int], dtype: torch.dtype = torch.float32,
+                          schedule: str = "tile") -> dict[str, int]:
+        """Estimated peak bytes of a video call (``total``, and its parts) in ``schedule`` (``"tile"``: tile-major,
+        ``"level"``: level-major), for the video families."""
         raise VaeInputError(f"a video working set for {self.label}, which takes images only")
 
     def patched_latents(self, model: nn.Module) -> bool:
@@ -186,7 +188,8 @@ class Family:
         return False
 
     def diffusers_peer(self, model: nn.Module) -> bool:
-        """Whether diffusers' ``AutoencoderKL`` can run this VAE (a side-by-side row in the bench and the lab)."""
+        """Whether diffusers has this network (``AutoencoderKL`` for kl-f8, ``AutoencoderKLWan`` for Wan): a
+        side-by-side peer row in the bench and the lab."""
         return False
 
     def summary(self, model: nn.Module, fmt: LatentFormat) -> list[tuple[str, str]]:

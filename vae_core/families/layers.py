@@ -1,5 +1,6 @@
-"""Building blocks several families share (the kl mid block, the Wan mid block): attention over every latent pixel,
-with queries in chunks so the score matrix never materialises whole, and cancel checks between chunks.
+"""Building blocks several families share (the kl mid block, the Wan and HunyuanVideo 1.5 mid blocks): attention
+over every latent pixel, with queries in chunks so the score matrix never materialises whole, and cancel checks
+between chunks; the RMS norm over channels of the Wan and HunyuanVideo 1.5 designs.
 
 Tensors: ``q``, ``k``, ``v`` are ``[B, N, C]`` (N tokens = latent pixels); the result has ``q``'s shape and dtype.
 """
@@ -10,10 +11,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..progress import ATTENTION_HOOK
 
-__all__ = ["attention", "sdpa_is_fused", "ATTENTION_LOG_FLOPS", "ATTENTION_CHUNK_BYTES", "ATTENTION_CHUNK_FLOPS"]
+__all__ = ["attention", "RMSNorm", "sdpa_is_fused", "ATTENTION_LOG_FLOPS", "ATTENTION_CHUNK_BYTES", "ATTENTION_CHUNK_FLOPS"]
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +95,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_bytes: Op
         if hook is not None:
             hook(i + 1, total)
     return out
+
+
+class RMSNorm(nn.Module):
+    """``normalize(x, over channels) · √C · γ`` (per pixel and frame; fp16/bf16 normalised in fp32 as the reference
+    does); γ stored ``[C, 1, 1, 1]`` (blocks, 5-D) or ``[C, 1, 1]`` (per-frame 4-D attention)."""
+
+    def __init__(self, dim: int, images: bool = False) -> None:
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
+        return y * self.scale * self.gamma.view(-1, *([1] * (x.dim() - 2)))

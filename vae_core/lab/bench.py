@@ -26,7 +26,7 @@ import torch
 
 from ..precision.dtypes import DTYPES
 
-__all__ = ["run_worker", "measure", "flop_ratio", "video_flop_ratio", "peak_rss", "reset_peak_rss", "proc_status_bytes"]
+__all__ = ["run_worker", "measure", "flop_ratio", "peak_rss", "reset_peak_rss", "proc_status_bytes"]
 
 
 def _model(spec: dict[str, Any]):
@@ -122,14 +122,22 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
     torch.set_grad_enabled(False)
-    model = _model(spec).to(device, dtype)
-    x = _input(spec, model, device, dtype)
     impl, tile = spec["impl"], spec.get("tile")
-    if impl in ("diffusers", "diffusers-untiled"):
+    report, opts = tiling.TileReport(), None
+    if spec.get("frames"):  # a video VAE (vae_core.lab.bench_video)
+        from .bench_video import video_call, video_input, video_model
+
+        model = video_model(spec).to(device, dtype)
+        x = video_input(spec, model, device, dtype)
+        fn, opts = video_call(spec, model, device, dtype)
+    elif impl in ("diffusers", "diffusers-untiled"):
+        model = _model(spec).to(device, dtype)
+        x = _input(spec, model, device, dtype)
         d = _diffusers_model(model, device, dtype, tile if impl == "diffusers" else None)
         fn = (lambda t: d.decode(t).sample) if spec["op"] == "decode" else (lambda t: d.encode(t).latent_dist.mean)
     else:
-        report = tiling.TileReport()
+        model = _model(spec).to(device, dtype)
+        x = _input(spec, model, device, dtype)
         opts = tiling.TileOptions(tile=None if impl == "untiled" else tile, mode=spec.get("mode", "exact"),
                                   cache_bytes=spec.get("cache_bytes", "auto"), report=report,
                                   channels_last=bool(spec.get("channels_last")))
@@ -144,7 +152,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             out = None
-            if impl == "ours":  # the report of one call, not the sum over the runs
+            if opts is not None:  # the report of one call, not the sum over the runs
                 opts.report = report = tiling.TileReport()
             t0 = time.perf_counter()
             out = fn(x)
@@ -221,30 +229,6 @@ def flop_ratio(config: Any, op: str, size: int, impl: str, tile: int, mode: str 
             return count(fn) / base
     except (RuntimeError, NotImplementedError, TypeError):  # an op without a meta kernel
         return None
-
-
-def video_flop_ratio(config: Any, op: str, frames: int, height: int, width: int, tile: int) -> float:
-    """FLOPs of a tiled video call over the untiled (streamed reference) call, counted on the ``meta`` device at
-    the config's real widths: ``frames`` pixel frames (``1 + 4k``) of ``height``×``width`` px, ``tile`` px."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..families.registry import for_config
-    from ..tiling.options import TileOptions
-
-    def count(fn: Any) -> int:
-        with FlopCounterMode(display=False) as fc:
-            fn()
-        return fc.get_total_flops()
-
-    family = for_config(config)
-    with torch.device("meta"):
-        model = family.build(config).eval().requires_grad_(False)
-    f, ft = config.downscale, config.temporal_scale
-    x = (torch.empty(1, config.latent_channels, 1 + (frames - 1) // ft, height // f, width // f, device="meta")
-         if op == "decode" else torch.empty(1, config.in_channels, frames, height, width, device="meta"))
-    with torch.no_grad():
-        base = count(lambda: (model.decode if op == "decode" else model.encode)(x))
-        return count(lambda: family.tiled(op)(model, x, tile, TileOptions())) / base
 
 
 if __name__ == "__main__":

@@ -65,7 +65,13 @@ def roundtrip(vae: Vae, x: torch.Tensor, tile: Optional[int], mode: str = "exact
     Each call is tried in the VAE's own dtype: the guard's remembered fallback is set aside for the call and put
     back afterwards, and after a fallback (or a failure) the VAE is cast back to its dtype, from the weights as
     loaded (the guard keeps them before a rounding retry such as fp16 → bf16: :class:`~vae_core.precision.guard.GuardState`),
-    so the next call sees exactly the same weights."""
+    so the next call sees exactly the same weights.
+
+    A clip ``[B, 3, F, H, W]`` goes through a video VAE whole and through an image VAE frame by frame (what it ran
+    as: each distinct value, joined)."""
+    if x.dim() == 5 and not vae.family.video:
+        runs = [roundtrip(vae, x[:, :, i], tile, mode, cache_bytes, report) for i in range(x.shape[2])]
+        return torch.stack([y for y, _ in runs], 2), "; ".join(dict.fromkeys(ran for _, ran in runs))
     dtype, remembered = vae.dtype, vae.guard.working_dtype
     used = []
     kw = dict(tile=tile, mode=mode, cache_bytes=cache_bytes, report=report)

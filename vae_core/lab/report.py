@@ -103,6 +103,8 @@ def _num(v: Optional[float], key: str) -> str:
         return f"{v / 2**20:.0f}"
     if key == "seconds":
         return f"{v:.3f}"
+    if key == "seam_vs_untiled":
+        return f"{v:.0f}"
     if key in ("ssim", "ms_ssim", "lpips"):
         return f"{v:.4f}"
     return f"{v:.2f}"
@@ -264,8 +266,10 @@ def _image_section(result: LabResult, im: dict[str, Any]) -> str:
     per = [r for r in result.runs if r.image == name and r.setting in result.requested]
     rows = [{"setting": r.setting, "images": 1, "ran_as": [r.ran_as], "max_diff_255": r.max_diff_255,
              **{k: _mean_std([r.values[k]]) for k, *_ in METRICS}} for r in per]
+    clip = (f", {im['frames']} frames (pictures: frame {im.get('frame_shown', 0)}, where the round trips differ most "
+            "from the original)") if "frames" in im else ""
     parts = [f"<h2>{html.escape(name)}</h2><div class=meta>{html.escape(im['path'])}: {im['width']}×{im['height']} px "
-             "as run</div>", _table(result, rows)]
+             f"as run{clip}</div>", _table(result, rows)]
     panel = result.panels.get(name)
     if panel:
         x0, y0, size = panel["box"]

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .inputs import IMAGE_EXTENSIONS, find_images, frames_of, load_input, prepare_image, prepare_input
 from ..errors import VaeError, VaeInputError
 from .measure import measured, roundtrip
 from ..tiling.memory import is_oom
@@ -42,20 +43,23 @@ from ..vae import Vae, make_fp16_safe
 
 __all__ = ["Setting", "Run", "LabResult", "DTYPE_CHOICES", "MODE_CHOICES", "IMAGE_EXTENSIONS", "LPIPS_MIN_SIDE",
            "find_images", "prepare_image", "make_settings", "capabilities", "run_lab", "aggregate", "compare_pair",
-           "METRICS"]
+           "METRICS"]  # find_images, prepare_image, IMAGE_EXTENSIONS: from vae_core.lab.inputs
 
 log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "fp16-fix")
 MODE_CHOICES = ("exact", "fast", "diffusers")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 #: LPIPS's AlexNet needs images of at least this side; smaller ones get no LPIPS value.
 LPIPS_MIN_SIDE = 32
-#: The numbers of a run, in table order: (key, label, unit, higher is better).
-METRICS = (("psnr", "PSNR", "dB", True), ("ssim", "SSIM", "", True), ("ms_ssim", "MS-SSIM", "", True),
+#: The numbers of a run, in table order: (key, label, unit, higher is better). On a clip, PSNR/SSIM/MS-SSIM/LPIPS
+#: are means over its frames, ``psnr_min_frame`` its worst frame, the PSNRs against references the worst frame, and
+#: ``seam_vs_untiled`` the temporal seam of a tiled run (:func:`vae_core.lab.metrics.temporal_seam`, 8-bit levels).
+METRICS = (("psnr", "PSNR", "dB", True), ("psnr_min_frame", "PSNR worst frame", "dB", True),
+           ("ssim", "SSIM", "", True), ("ms_ssim", "MS-SSIM", "", True),
            ("lpips", "LPIPS", "", False), ("seconds", "round trip", "s", False),
            ("peak_bytes", "peak memory", "MiB", False), ("psnr_vs_untiled", "PSNR vs untiled", "dB", True),
-           ("psnr_vs_fp32", "PSNR vs fp32", "dB", True))
+           ("psnr_vs_fp32", "PSNR vs fp32", "dB", True),
+           ("seam_vs_untiled", "temporal seam vs untiled", "levels", False))
 
 
 @dataclass(frozen=True)
@@ -114,63 +118,10 @@ class LabResult:
     notes: list[str] = field(default_factory=list)
 
 
-# -- inputs ----------------------------------------------------------------------------------------------------
-def find_images(paths: Sequence[os.PathLike | str], limit: int = 100_000) -> list[Path]:
-    """Image files among ``paths``: files as given, folders walked (links to folders not followed; links to files
-    are read like files; sorted) for files with an :data:`IMAGE_EXTENSIONS` suffix.
-
-    Raises:
-        VaeInputError: a path that does not exist, a folder with no images, or no paths.
-    """
-    out: list[Path] = []
-    for given in paths:
-        p = Path(given)
-        if p.is_file():
-            out.append(p)
-        elif p.is_dir():
-            found = []
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                found += [Path(root) / f for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-                if len(found) > limit:
-                    raise VaeInputError(f"{p}: more than {limit} images; expected a smaller folder")
-            if not found:
-                raise VaeInputError(f"{p}: a folder with no images; expected files ending in "
-                                    f"{', '.join(IMAGE_EXTENSIONS)}")
-            out += found
-        else:
-            raise VaeInputError(f"{p}: no such file or folder; expected an image file or a folder of images")
-    if not out:
-        raise VaeInputError("no images given; expected one or more image files or folders")
-    return out
-
-
-def prepare_image(x: torch.Tensor, size: Optional[int], multiple: int) -> torch.Tensor:
-    """``[1, 3, H, W]`` in [-1, 1] → the lab's input: with ``size``, the centre square of side ``min(H, W)`` resized
-    to ``size × size`` (bicubic, antialiased; the model cards' protocol, e.g. COCO at 256²); then centre-cropped to
-    multiples of ``multiple`` (the largest downscale factor of the VAEs compared).
-
-    Raises:
-        VaeInputError: ``size`` below ``multiple``, or an image smaller than ``multiple`` px.
-    """
-    if size is not None:
-        if size < multiple:
-            raise VaeInputError(f"--size {size}: expected at least {multiple} px (the VAEs' downscale factor)")
-        h, w = x.shape[-2:]
-        side = min(h, w)
-        x = x[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-        if side != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-    h, w = x.shape[-2] // multiple * multiple, x.shape[-1] // multiple * multiple
-    if h == 0 or w == 0:
-        raise VaeInputError(f"image of {x.shape[-1]}x{x.shape[-2]} px; expected sides of at least {multiple} px")
-    y0, x0 = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-    return x[..., y0:y0 + h, x0:x0 + w].contiguous()
-
-
 def capabilities(vae: Vae) -> set[str]:
     """What a loaded VAE can run besides the plain dtypes and vae_core's tiling: ``"fp16-fix"`` (GroupNorm- or RMS-
-    norm-normalised stream) and ``"diffusers"`` (a kl-f8 AutoencoderKL that diffusers' AutoencoderKL holds)."""
+    norm-normalised stream) and ``"diffusers"`` (a network diffusers holds: a kl-f8 ``AutoencoderKL``, or a Wan
+    VAE as ``AutoencoderKLWan``)."""
     caps = set()
     if vae.family.fp16_fix is not None:
         caps.add("fp16-fix")
@@ -212,7 +163,7 @@ def make_settings(vaes: Sequence[str], dtypes: Sequence[str], tiles: Sequence[Op
                     if m == "diffusers" and "diffusers" not in can:
                         if not any(n.startswith(f"{v} · diffusers") for n in notes):
                             notes.append(f"{v} · diffusers tiling: not run (diffusers' tiling row is for kl-f8 "
-                                         "AutoencoderKL VAEs: SD1/2, SDXL, SD3, Flux.1)")
+                                         "AutoencoderKL VAEs: SD1/2, SDXL, SD3, Flux.1; and Wan VAEs)")
                     elif m == "diffusers" and d == "fp16-fix":
                         notes.append(f"{s.label}: not run (diffusers' network does not carry the fp16 fix's "
                                      "rescaled GroupNorm eps; compare fp16 instead)")
@@ -252,10 +203,12 @@ class _Variants:
         return self.cache[key]
 
     def diffusers(self, label: str, dtype: str, tile: int) -> Any:
-        """diffusers' AutoencoderKL on the same weights with ``enable_tiling`` at ``tile`` px."""
+        """diffusers' AutoencoderKL (AutoencoderKLWan for a video VAE) on the same weights with ``enable_tiling`` at
+        ``tile`` px."""
         key = (label, dtype, tile)
         if key not in self.peers:
             from .bench import _diffusers_model
+            from .bench_video import diffusers_wan
 
             vae = self.get(label, dtype)
             try:
@@ -267,7 +220,8 @@ class _Variants:
             level = quiet.level
             quiet.setLevel(logging.ERROR)  # its advice on casting with .to() is about from_pretrained, not this copy
             try:
-                self.peers[key] = _diffusers_model(vae.model, vae.device, vae.dtype, tile)
+                build = diffusers_wan if vae.family.video else _diffusers_model
+                self.peers[key] = build(vae.model, vae.device, vae.dtype, tile)
             except ImportError as exc:
                 raise VaeInputError(f"--mode diffusers: diffusers is not installed ({exc}); expected `pip install "
                                     "diffusers` for the comparison row") from exc
@@ -276,23 +230,46 @@ class _Variants:
         return self.peers[key]
 
 
-def _diffusers_roundtrip(d: Any, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    with torch.inference_mode():
-        z = d.encode(x.to(device, dtype)).latent_dist.mean
+def _diffusers_roundtrip(d: Any, x: torch.Tensor, device: torch.device, dtype: torch.dtype, video: bool
+                         ) -> torch.Tensor:
+    """diffusers' round trip of an image or clip: a video network takes 5-D (an image as one frame), an image
+    network a clip frame by frame."""
+    def one(t: torch.Tensor) -> torch.Tensor:
+        z = d.encode(t.to(device, dtype)).latent_dist.mean
         return d.decode(z).sample.float()
+
+    with torch.inference_mode():
+        if video:
+            return one(x) if x.dim() == 5 else one(x.unsqueeze(2)).squeeze(2)
+        return torch.stack([one(f) for f in frames_of(x)], 2) if x.dim() == 5 else one(x)
 
 
 def _compare(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, Optional[int]]:
-    """PSNR of ``out`` against ``ref`` (both [0, 1]; NaN when either is not finite) and the largest difference after
-    8-bit rounding (None when not finite)."""
+    """PSNR of ``out`` against ``ref`` (both [0, 1]; NaN when either is not finite; the worst frame of a clip) and
+    the largest difference after 8-bit rounding (None when not finite)."""
     diff = ((ref * 255).round() - (out * 255).round()).abs().max()
-    return metrics.psnr(ref, out), int(diff) if bool(torch.isfinite(diff)) else None
+    psnr = _worst([metrics.psnr(a, b) for a, b in zip(frames_of(ref), frames_of(out))])
+    return psnr, int(diff) if bool(torch.isfinite(diff)) else None
+
+
+def _worst(values: list[float]) -> float:
+    """The smallest value, NaN if any is (``min`` would depend on the order)."""
+    return math.nan if any(math.isnan(v) for v in values) else min(values)
 
 
 def _values(x: torch.Tensor, x01: torch.Tensor, y: torch.Tensor, y01: torch.Tensor,
             lpips: Optional[Callable[[torch.Tensor, torch.Tensor], float]]) -> dict[str, Optional[float]]:
+    """The metrics against the original: an image's, or a clip's means over its frames and its worst frame."""
+    if x.dim() == 5:
+        per = [_values(*t, lpips) for t in zip(frames_of(x), frames_of(x01), frames_of(y), frames_of(y01))]
+        out: dict[str, Optional[float]] = {}
+        for k in per[0]:
+            vals = [p[k] for p in per]
+            out[k] = None if None in vals else sum(vals) / len(vals)  # type: ignore[arg-type]
+        out["psnr_min_frame"] = _worst([p["psnr"] for p in per])  # type: ignore[misc]
+        return out
     side = min(x01.shape[-2:])
-    return {"psnr": metrics.psnr(x01, y01),
+    return {"psnr": metrics.psnr(x01, y01), "psnr_min_frame": None,
             "ssim": metrics.ssim(x01, y01) if side >= metrics.SSIM_MIN_SIDE else None,
             "ms_ssim": metrics.ms_ssim(x01, y01),
             "lpips": lpips(x, y) if lpips is not None and side >= LPIPS_MIN_SIDE else None}
@@ -303,7 +280,8 @@ def _run_one(s: Setting, variants: _Variants, x: torch.Tensor, cache_bytes: Any,
     vae = variants.get(s.vae, s.dtype)
     if s.mode == "diffusers":
         d = variants.diffusers(s.vae, s.dtype, s.tile or 0)
-        y, seconds, peak = measured(lambda: _diffusers_roundtrip(d, x, vae.device, vae.dtype), vae.device)
+        y, seconds, peak = measured(lambda: _diffusers_roundtrip(d, x, vae.device, vae.dtype, vae.family.video),
+                                    vae.device)
         return y, s.dtype, seconds, peak
     (y, ran_as), seconds, peak = measured(
         lambda: roundtrip(vae, x, s.tile, "exact" if s.mode == "-" else s.mode, cache_bytes, report), vae.device)
@@ -316,12 +294,13 @@ def run_lab(images: Sequence[Path], vaes: dict[str, Vae], dtypes: Sequence[str],
             modes: Sequence[str], size: Optional[int] = None, cache_bytes: Any = "auto",
             lpips: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
             progress: Optional[Callable[[int, int, str], None]] = None,
-            panels: Optional[Callable[..., dict[str, Any]]] = None) -> LabResult:
-    """Run every setting on every image (see the module docstring). Every image is read once before any VAE runs,
-    so a broken file fails at once.
+            panels: Optional[Callable[..., dict[str, Any]]] = None, clips: bool = False) -> LabResult:
+    """Run every setting on every image or clip (see the module docstring). Every input is read once before any VAE
+    runs, so a broken file (or a clip a video VAE cannot take) fails at once.
 
     Args:
-        images: image files (:func:`find_images`); vaes: label → loaded fp32 :class:`Vae` (one device).
+        images: image files and clips (:func:`find_images`; ``clips``: folders are clips of numbered frames);
+            vaes: label → loaded fp32 :class:`Vae` (one device).
         dtypes, tiles, modes: what to combine (:data:`DTYPE_CHOICES`, None or px, :data:`MODE_CHOICES`).
         size: see :func:`prepare_image`. cache_bytes: exact tiling's cache budget.
         lpips: ``lpips(a, b)`` on ``[1, 3, H, W]`` in [-1, 1] → distance, or None.
@@ -330,8 +309,6 @@ def run_lab(images: Sequence[Path], vaes: dict[str, Vae], dtypes: Sequence[str],
     Raises:
         VaeInputError: an unreadable image, or a run that ran out of memory (naming the image and setting).
     """
-    from ..io.images import load_image
-
     caps = {label: capabilities(v) for label, v in vaes.items()}
     settings, requested, notes = make_settings(list(vaes), dtypes, tiles, modes, caps)
     if not requested:
@@ -339,17 +316,24 @@ def run_lab(images: Sequence[Path], vaes: dict[str, Vae], dtypes: Sequence[str],
                             "expected at least one setting these VAEs can run")
     device = next(iter(vaes.values())).device
     multiple = max(v.model.config.downscale for v in vaes.values())
-    for path in images:  # fail on a broken or too small file before any work
-        prepare_image(load_image(path), size, multiple)
+    for path in images:  # fail on a broken or too small file, or a clip a video VAE cannot take, before any work
+        x = prepare_input(load_input(path, clips), size, multiple)
+        for label, v in vaes.items():
+            if x.dim() == 5 and v.family.video:
+                try:
+                    v.family.check_video(v.model, x, "encode")
+                except VaeInputError as exc:
+                    raise VaeInputError(f"{path}: {label}: {exc}") from exc
     variants = _Variants(vaes)
     result = LabResult(settings, requested, [], [], machine_info(device),
                        vaes={k: str(v.info.path) for k, v in vaes.items()}, notes=notes)
     total, done = len(images) * len(settings), 0
     for path in images:
         name = _unique(path.name, {im["name"] for im in result.images})
-        x = prepare_image(load_image(path), size, multiple)
+        x = prepare_input(load_input(path, clips), size, multiple)
         x01 = metrics.to_unit(x)
-        result.images.append({"name": name, "path": str(path), "width": x.shape[-1], "height": x.shape[-2]})
+        result.images.append({"name": name, "path": str(path), "width": x.shape[-1], "height": x.shape[-2],
+                              **({"frames": x.shape[2]} if x.dim() == 5 else {})})
         outputs: dict[Setting, torch.Tensor] = {}
         for s in settings:
             report = TileReport()
@@ -364,10 +348,12 @@ def run_lab(images: Sequence[Path], vaes: dict[str, Vae], dtypes: Sequence[str],
             outputs[s] = y01 = metrics.to_unit(y)
             values = _values(x, x01, y, y01, lpips)
             values.update({"seconds": seconds, "peak_bytes": float(peak) if peak is not None else None,
-                           "psnr_vs_untiled": None, "psnr_vs_fp32": None})
+                           "psnr_vs_untiled": None, "psnr_vs_fp32": None, "seam_vs_untiled": None})
             run = Run(s, name, values, ran_as, report.tiles)
             for kind, ref in s.references().items():
                 run.values[f"psnr_vs_{kind}"], run.max_diff_255[kind] = _compare(outputs[ref], y01)
+                if kind == "untiled" and y.dim() == 5:
+                    run.values["seam_vs_untiled"] = metrics.temporal_seam(y01 * 2 - 1, outputs[ref] * 2 - 1)
             if any(v is not None and math.isnan(v) for v in run.values.values()):
                 log.warning("%s on %s: NaN metrics (the output holds NaN/inf)", s.label, name)
             result.runs.append(run)
@@ -375,9 +361,23 @@ def run_lab(images: Sequence[Path], vaes: dict[str, Vae], dtypes: Sequence[str],
             if progress is not None:
                 progress(done, total, f"{name}: {s.label}")
         if panels is not None:
+            shown = _frame_shown(x01, outputs, requested)
+            if shown is not None:
+                result.images[-1]["frame_shown"] = shown
+                x01, outputs = x01[:, :, shown], {s: o[:, :, shown] for s, o in outputs.items()}
             result.panels[name] = panels(name, x01[0], {s: o[0] for s, o in outputs.items()},
                                          {s: s.references() for s in settings if s in requested})
     return result
+
+
+def _frame_shown(x01: torch.Tensor, outputs: dict[Setting, torch.Tensor], requested: set[Setting]) -> Optional[int]:
+    """The frame of a clip the report pictures: where the requested round trips differ most from the original
+    (None for an image)."""
+    if x01.dim() != 5:
+        return None
+    err = sum(((o - x01).abs().nan_to_num(1.0).mean(dim=(0, 1, 3, 4)) for s, o in outputs.items() if s in requested),
+              torch.zeros(x01.shape[2]))
+    return int(err.argmax())
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -53,6 +53,8 @@ class TileOptions:
             ``"auto"``/None (a share of free memory, see :mod:`vae_core.tiling.cache`). 0 recomputes instead.
         proxy_pixels: image pixels of the ``fast`` proxy run; default max(256², tile²), about one tile.
         report: a :class:`TileReport` to fill in.
+        schedule: videos only: ``"auto"`` (level-major where the cache budget holds it, else tile-major),
+            ``"level"`` or ``"tile"`` (see :mod:`vae_core.tiling.stream`).
         channels_last: run on channels-last activations (measured 0.5-0.85x the time on CPU, but CPU GroupNorm is
             then ~200x further from a float64 run: ~91 dB instead of ~138 dB; off by default, for measuring with
             ``bench --channels-last``, e.g. on CUDA). The returned tensor is contiguous either way.
@@ -66,9 +68,12 @@ class TileOptions:
     proxy_pixels: Optional[int] = None
     report: Optional[TileReport] = None
     channels_last: bool = False
+    schedule: str = "auto"
 
 
 def check_mode(opts: TileOptions) -> None:
     if opts.mode not in ("exact", "fast"):
         raise VaeInputError(f"mode={opts.mode!r}: expected 'exact' or 'fast'")
+    if opts.schedule not in ("auto", "tile", "level"):
+        raise VaeInputError(f"schedule={opts.schedule!r}: expected 'auto', 'tile' or 'level'")
 

@@ -21,6 +21,7 @@ Shapes: videos ``[B, C, T, H, W]``; chunks are ``(in_start, in_end, out_start, o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -31,10 +32,14 @@ from .geometry import Interval, split
 from .halo import Local, Whole, stage_sizes as _sizes, windows as _windows
 from .options import TileOptions
 
-__all__ = ["CausalState", "Segment", "Chunk", "run_segments", "stream_tiled", "estimate_working_set", "is_first"]
+__all__ = ["CausalState", "Segment", "Chunk", "run_segments", "stream_tiled", "stream_levels", "level_cores",
+           "estimate_working_set", "is_first", "SCHEDULES"]
 
 #: ``(in_start, in_end, out_start, out_end)``: a chunk's input and output frame ranges.
 Chunk = tuple[int, int, int, int]
+#: what passes between stages: a video, or a tuple of same-sized videos (a block split into stages carries its
+#: shortcut input beside its branch)
+Carry = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
 class CausalState:
@@ -88,17 +93,38 @@ def _alloc(out: Optional[torch.Tensor], like: torch.Tensor, shape: tuple[int, ..
     return out
 
 
+def _crop(t: Carry, r0: int, r1: int, c0: int, c1: int) -> Carry:
+    """Rows ``r0:r1``, cols ``c0:c1`` of a video ``[B, C, t, H, W]`` (or of each in a tuple of them)."""
+    if isinstance(t, tuple):
+        return tuple(u[:, :, :, r0:r1, c0:c1] for u in t)
+    return t[:, :, :, r0:r1, c0:c1]
+
+
+def _place(y: Optional[Carry], o: Carry, h: int, w: int, r: Interval, c: Interval) -> Carry:
+    """Write tile ``o`` (already cropped to its core) at rows ``r``, cols ``c`` of ``y`` (allocated ``h``×``w`` at
+    the first tile)."""
+    if isinstance(o, tuple):
+        ys = y if isinstance(y, tuple) else (None,) * len(o)
+        return tuple(_place(a, b, h, w, r, c) for a, b in zip(ys, o))
+    if y is None:
+        y = o.new_empty((o.shape[0], o.shape[1], o.shape[2], h, w))
+    assert isinstance(y, torch.Tensor)
+    y[:, :, :, r[0]:r[1], c[0]:c[1]] = o
+    return y
+
+
 def _tile_chunk(chain: Sequence[Local], needs: list[tuple[Interval, Interval]], x: torch.Tensor,
                 state: CausalState) -> torch.Tensor:
     """One chunk ``x [B, C, t, H, W]`` (whole frames) through ``chain`` in the window ``needs`` gives, cropped to the
     next stage's window after every stage; returns the core."""
     (r0, r1), (c0, c1) = needs[0]
-    t = x[:, :, :, r0:r1, c0:c1]
+    t: Carry = x[:, :, :, r0:r1, c0:c1]
     for i, st in enumerate(chain):
         t = st.fn(t, state)
         s0, s1 = st.out_start(r0), st.out_start(c0)
         (r0, r1), (c0, c1) = needs[i + 1]
-        t = t[:, :, :, r0 - s0:r1 - s0, c0 - s1:c1 - s1]
+        t = _crop(t, r0 - s0, r1 - s0, c0 - s1, c1 - s1)
+    assert isinstance(t, torch.Tensor), "a chain ends on one tensor"
     return t
 
 
@@ -135,6 +161,68 @@ def stream_tiled(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], c
     return out, len(rows) * len(cols), peak
 
 
+def _stage_grid(st: Local, size_in: tuple[int, int], size_out: tuple[int, int], core: int
+                ) -> list[tuple[Interval, Interval, Interval, Interval]]:
+    """One stage's output tiles ``(rows, cols)`` of at most ``core`` px and the input window each needs."""
+    (ih, iw), (oh, ow) = size_in, size_out
+    return [(r, c, st.needs(r, ih), st.needs(c, iw)) for r in split(oh, core) for c in split(ow, core)]
+
+
+def level_cores(chain: Sequence[Local], image_scale: float, tile: int) -> list[int]:
+    """Per stage, the output tile edge of the level-major schedule: ``tile / sqrt(scale)`` stage px at a stage
+    whose output has ``scale`` image px per px (channels grow as resolution falls, so a tile's bytes stay about
+    the same at every level)."""
+    cores, scale = [], float(image_scale)
+    for st in chain:
+        scale = scale * st.down / st.up
+        cores.append(max(8, int(tile / math.sqrt(scale))))
+    return cores
+
+
+def stream_levels(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], cores: list[int], frames_out: int,
+                  out: Optional[torch.Tensor] = None, step: Optional[Callable[[], None]] = None,
+                  state_type: type = CausalState) -> tuple[torch.Tensor, int, int]:
+    """Run ``chain`` on ``x [B, C, T, H, W]`` chunk by chunk, each stage tiled on its own over whole frames.
+
+    The level-major schedule: for every chunk, stage ``i`` runs tile by tile over the frame (tiles of
+    ``cores[i]`` output px, each with its *own* causal state, kept across chunks because its window is the same in
+    every chunk) and its output is assembled before stage ``i + 1`` starts. A halo then spans one stage instead of
+    the whole chain, so the cost is close to the untiled one; the price is memory that grows with the frame size
+    (every tile's state, and a chunk's whole-frame activations), never with the frame count.
+
+    Returns:
+        ``(output [B, C', frames_out, H', W'], tiles of the largest stage, bytes of all states)``; ``step()`` after
+        every stage of every chunk.
+    """
+    sizes = _sizes(chain, x.shape[3], x.shape[4])
+    _check_strides(chain, sizes)
+    grids = [_stage_grid(st, sizes[i], sizes[i + 1], cores[i]) for i, st in enumerate(chain)]
+    states = [[state_type() for _ in grid] for grid in grids]
+    oh, ow = sizes[-1]
+    for index, (i0, i1, o0, o1) in enumerate(chunks):
+        t: Carry = x[:, :, i0:i1]
+        for st, grid, tile_states, (h, w) in zip(chain, grids, states, sizes[1:]):
+            y: Optional[Carry] = None
+            for (r, c, ir, ic), state in zip(grid, tile_states):
+                state.chunk = index
+                o = st.fn(_crop(t, ir[0], ir[1], ic[0], ic[1]), state)
+                a, b = st.out_start(ir[0]), st.out_start(ic[0])
+                y = _place(y, _crop(o, r[0] - a, r[1] - a, c[0] - b, c[1] - b), h, w, r, c)
+                del o
+            assert y is not None
+            t = y
+            if step is not None:
+                step()
+        assert isinstance(t, torch.Tensor), "a chain ends on one tensor"
+        if t.shape[2] != o1 - o0:
+            raise RuntimeError(f"chunk {index} gave {t.shape[2]} frames; the schedule expects {o1 - o0}")
+        out = _alloc(out, t, (x.shape[0], t.shape[1], frames_out, oh, ow))
+        out[:, :, o0:o1] = t
+        del t
+    assert out is not None
+    return out, max(len(g) for g in grids), sum(s.nbytes for row in states for s in row)
+
+
 def _stream_whole(stage: Whole, x: torch.Tensor, chunks: list[Chunk], frames_out: int,
                   out: Optional[torch.Tensor], state_type: type) -> tuple[torch.Tensor, int]:
     state = state_type()
@@ -147,16 +235,31 @@ def _stream_whole(stage: Whole, x: torch.Tensor, chunks: list[Chunk], frames_out
     return out, state.nbytes
 
 
-def run_segments(segments: list[Segment], x: torch.Tensor, tile: Optional[int], opts: TileOptions,
-                 out: Optional[torch.Tensor] = None, state_type: type = CausalState) -> torch.Tensor:
-    """Run a streamed plan on ``x``; ``tile`` in image pixels (None: every chain untiled, still streamed).
+#: the streamed schedules: tile-major (least memory) and level-major (least compute)
+SCHEDULES = ("tile", "level")
 
-    Progress counts tile-chunks of the tiled segments; ``opts.cancel`` is checked between them (Cancelled).
-    The report says schedule ``"stream"``, the tiles of the largest chain and the largest causal state.
+
+def run_segments(segments: list[Segment], x: torch.Tensor, tile: Optional[int], opts: TileOptions,
+                 out: Optional[torch.Tensor] = None, state_type: type = CausalState,
+                 schedule: str = "tile") -> torch.Tensor:
+    """Run a streamed plan on ``x``; ``tile`` in image pixels (None: every chain untiled, still streamed);
+    ``schedule`` ``"tile"`` (:func:`stream_tiled`) or ``"level"`` (:func:`stream_levels`).
+
+    Progress counts tile-chunks (tile-major) or stage-chunks (level-major) of the tiled segments; ``opts.cancel``
+    is checked between them (Cancelled). The report says the schedule (``"stream"`` or ``"stream-levels"``), the
+    tiles of the largest chain (stage) and the largest causal state (all tiles' states, level-major).
     """
+    if schedule not in SCHEDULES:
+        raise VaeInputError(f"schedule={schedule!r}: expected one of {SCHEDULES}")
+    levels = schedule == "level" and tile is not None
     s0, (h0, w0) = segments[0].image_scale, x.shape[3:]
-    total = sum(len(s.chunks) * _tile_count(s, int(h0 * s0 / s.image_scale), int(w0 * s0 / s.image_scale), tile)
-                for s in segments if isinstance(s.stages, list))
+
+    def steps(s: Segment) -> int:
+        if levels:
+            return len(s.chunks) * len(s.stages)
+        return len(s.chunks) * _tile_count(s, int(h0 * s0 / s.image_scale), int(w0 * s0 / s.image_scale), tile)
+
+    total = sum(steps(s) for s in segments if isinstance(s.stages, list))
     done = [0]
 
     def step() -> None:
@@ -172,6 +275,11 @@ def run_segments(segments: list[Segment], x: torch.Tensor, tile: Optional[int], 
         frames_out = seg.chunks[-1][3]
         if isinstance(seg.stages, Whole):
             x, nbytes = _stream_whole(seg.stages, x, seg.chunks, frames_out, out if last else None, state_type)
+        elif levels:
+            assert tile is not None
+            x, n, nbytes = stream_levels(seg.stages, x, seg.chunks, level_cores(seg.stages, seg.image_scale, tile),
+                                         frames_out, out if last else None, step, state_type)
+            tiles = max(tiles, n)
         else:
             core = _core_px(seg, tile, x.shape[3], x.shape[4])
             x, n, nbytes = stream_tiled(seg.stages, x, seg.chunks, core, frames_out, out if last else None, step,
@@ -179,7 +287,8 @@ def run_segments(segments: list[Segment], x: torch.Tensor, tile: Optional[int], 
             tiles = max(tiles, n)
         peak = max(peak, nbytes)
     if opts.report is not None:
-        opts.report.schedule, opts.report.tiles, opts.report.sweeps = "stream", tiles, 1
+        opts.report.schedule = "stream-levels" if levels else "stream"
+        opts.report.tiles, opts.report.sweeps = tiles, 1
         opts.report.cache_peak = peak
     return x
 
@@ -216,10 +325,10 @@ def _largest_window(chain: Sequence[Local], h: int, w: int, core_px: int) -> tup
 
 
 def estimate_working_set(segments: list[Segment], x: torch.Tensor, tile: Optional[int],
-                         dtype: torch.dtype) -> dict[str, int]:
+                         dtype: torch.dtype, schedule: str = "tile") -> dict[str, int]:
     """Estimated peak bytes of :func:`run_segments` on ``x`` (a ``meta`` tensor of the real shape and ``dtype``;
     ``segments`` from a ``meta`` twin of the network in ``dtype``), by a dry run of the largest tile through its
-    first three chunks.
+    first three chunks (level-major: of every stage's tiles through the first three chunks).
 
     Returns bytes of ``state`` (the largest tile's causal state in steady state, measured), ``activations`` (three
     times the largest tensor one chunk of that tile creates: a block's input, its branch and its output in
@@ -249,6 +358,14 @@ def estimate_working_set(segments: list[Segment], x: torch.Tensor, tile: Optiona
                 for index, (i0, i1, _, _) in enumerate(seg.chunks[:3]):
                     probe.chunk = index
                     y = seg.stages.fn(t[:, :, i0:i1], probe)
+        elif schedule == "level" and tile is not None:
+            probe_chunks = seg.chunks[:3]
+            with Track():
+                y, _, nbytes = stream_levels(seg.stages, t, probe_chunks,
+                                             level_cores(seg.stages, seg.image_scale, tile), probe_chunks[-1][3])
+            state_bytes = max(state_bytes, nbytes)
+            probe = CausalState()
+            y = y[:, :, :1]
         else:
             core = _core_px(seg, tile, h, w)
             r, c = _largest_window(seg.stages, h, w, core)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import attention
+from ..layers import RMSNorm, attention
 from ...tiling.stream import CausalState, is_first
 
 __all__ = ["CausalConv3d", "RMSNorm", "ResidualBlock", "AttentionBlock", "Resample", "AvgDown3D", "DupUp3D",
@@ -59,20 +59,6 @@ class CausalConv3d(nn.Conv3d):
         if missing:
             x = F.pad(x, (0, 0, 0, 0, missing, 0))
         return F.conv3d(x, self.weight, self.bias, self.stride, (0, *pad))
-
-
-class RMSNorm(nn.Module):
-    """``normalize(x, over channels) · √C · γ`` (per pixel and frame; fp16/bf16 normalised in fp32 as the reference
-    does); γ stored ``[C, 1, 1, 1]`` (blocks, 5-D) or ``[C, 1, 1]`` (attention, per-frame 4-D)."""
-
-    def __init__(self, dim: int, images: bool = False) -> None:
-        super().__init__()
-        self.scale = dim ** 0.5
-        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
-        return y * self.scale * self.gamma.view(-1, *([1] * (x.dim() - 2)))
 
 
 class ResidualBlock(nn.Module):

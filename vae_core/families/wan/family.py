@@ -10,10 +10,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..base import Canonical, HaloFamily, LatentFormat, LoadRequest, refuse_family
+from ..base import Canonical, LatentFormat, LoadRequest, refuse_family
 from ..scaling import check_factors
-from ...tiling.halo import halo_tiled
-from ...tiling.stream import estimate_working_set, run_segments
+from ..video import VideoFamily
 from .convert import canonical_to_diffusers, is_wan, wan_config, wan_to_canonical
 from .fp16_fix import fp16_fix_wan
 from .model import WanConfig, WanVAE
@@ -75,28 +74,11 @@ def _latent_stats(request: LoadRequest, z: int) -> tuple[Optional[tuple], Option
     return None, None, f"none known for {z} channels"
 
 
-class WanFamily(HaloFamily):
+class WanFamily(VideoFamily):
     """The wan family (see the module docstring)."""
 
-    video = True
-
-    def check_video(self, model: nn.Module, t: torch.Tensor, kind: str) -> None:
-        model.check_video(t, kind)
-
-    def video_working_set(self, model: nn.Module, kind: str, frames: int, height: int, width: int,
-                          tile: Optional[int], dtype: torch.dtype = torch.float32) -> dict[str, int]:
-        """Estimated peak bytes of a video call (see :func:`vae_core.tiling.stream.estimate_working_set`): ``frames``
-        pixel frames (``1 + 4k``) of ``height``×``width`` px, ``tile`` px (None: untiled, streamed), by a dry run on
-        a ``meta`` twin of ``model`` (no memory, no data)."""
-        cfg = model.config
-        f, ft = cfg.downscale, cfg.temporal_scale
-        with torch.device("meta"):
-            twin = WanVAE(cfg).to(dtype)
-        shape = ((1, cfg.z_dim, 1 + (frames - 1) // ft, height // f, width // f) if kind == "decode"
-                 else (1, cfg.in_channels, frames, height, width))
-        x = torch.empty(shape, device="meta", dtype=dtype)
-        with torch.no_grad():
-            return estimate_working_set(twin.video_plan(kind, shape[2]), x, tile, dtype)
+    def diffusers_peer(self, model: nn.Module) -> bool:
+        return True  # diffusers' AutoencoderKLWan holds both versions (the lab's and bench's peer rows)
 
     def recognises(self, sd: Mapping[str, torch.Tensor]) -> bool:
         return is_wan(sd)
@@ -126,17 +108,6 @@ class WanFamily(HaloFamily):
                         "shift_factor": f"per-channel statistics: {src}"}
         return LatentFormat(name, 1.0, None, sources, tensors)
 
-    def tiled(self, kind: str):
-        """Images (4-D) by halos; videos (5-D) by the streamed plan of :meth:`WanVAE.video_plan`."""
-        def run(model: nn.Module, t: torch.Tensor, tile: int, opts: Any) -> torch.Tensor:
-            if t.dim() == 5:
-                model.check_video(t, kind)
-                return run_segments(model.video_plan(kind, t.shape[2]), t, tile, opts)
-            if kind == "decode":
-                return halo_tiled(model.decode_stages(), t, tile, model.config.downscale, opts)
-            return halo_tiled(model.encode_stages(), t, tile, 1, opts)
-        return run
-
     def scale_latents(self, model: nn.Module, fmt: LatentFormat, z: torch.Tensor) -> torch.Tensor:
         return model.normalize(z)
 
@@ -159,10 +130,12 @@ class WanFamily(HaloFamily):
 
     def diffusers_config(self, model: nn.Module, fmt: LatentFormat) -> dict[str, Any]:
         c = model.config
+        meta = model.latents_mean.is_meta  # a meta twin (FLOP counting) has no statistics: diffusers' defaults
         out = {"_class_name": "AutoencoderKLQwenImage" if fmt.family == "qwen-image" else "AutoencoderKLWan",
                "base_dim": c.base_dim, "z_dim": c.z_dim, "dim_mult": list(c.dim_mult),
                "num_res_blocks": c.num_res_blocks, "attn_scales": [], "temperal_downsample": list(c.temporal_down),
-               "latents_mean": model.latents_mean.tolist(), "latents_std": model.latents_std.tolist()}
+               "latents_mean": [0.0] * c.z_dim if meta else model.latents_mean.tolist(),
+               "latents_std": [1.0] * c.z_dim if meta else model.latents_std.tolist()}
         if c.residual or c.decoder_base_dim:
             out |= {"decoder_base_dim": c.decoder_base_dim or c.base_dim, "is_residual": c.residual,
                     "in_channels": c.in_channels * c.patch ** 2, "out_channels": c.out_channels * c.patch ** 2,

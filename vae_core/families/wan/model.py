@@ -256,12 +256,28 @@ class WanVAE(nn.Module):
         return out
 
     # -- exact tiling --------------------------------------------------------------------------------------------
-    def _locals(self, seq: nn.Sequential) -> list[Local]:
-        """One :class:`Local` per block, with its spatial receptive radius in input pixels."""
+    @staticmethod
+    def _split_up(m: UpBlock) -> list[Local]:
+        """A Wan 2.2 decoder level as one stage per residual block: the level's input rides along beside the branch
+        (a ``(branch, input)`` pair, cropped alike) to the last stage, which upsamples both and adds them."""
+        blocks = list(m.upsamples)
+        if m.avg_shortcut is None:
+            return [Local(b, radius=2) for b in blocks]
+        res, up = blocks[:-1], blocks[-1]
+        out = [Local(lambda t, s, b=res[0]: (b(t, s), t), radius=2)]
+        out += [Local(lambda p, s, b=b: (b(p[0], s), p[1]), radius=2) for b in res[1:]]
+        out.append(Local(lambda p, s: up(p[0], s) + m.avg_shortcut(p[1], is_first(s)), radius=1, up=2))
+        return out
+
+    def _locals(self, seq: nn.Sequential, split: bool = False) -> list[Local]:
+        """One :class:`Local` per block, with its spatial receptive radius in input pixels (``split``: Wan 2.2's
+        decoder levels as one stage per residual block, for the streamed plans)."""
         out: list[Local] = []
         n = self.config.num_res_blocks
         for m in seq:
-            if isinstance(m, ResidualBlock):
+            if split and isinstance(m, UpBlock):
+                out += self._split_up(m)
+            elif isinstance(m, ResidualBlock):
                 out.append(Local(m, radius=2))
             elif isinstance(m, Resample):  # down: pad right/bottom 1, 3×3 stride 2; up: nearest ×2, then 3×3
                 out.append(Local(m, radius=1, down=2) if m.mode == "down" else Local(m, radius=1, up=2))
@@ -279,8 +295,9 @@ class WanVAE(nn.Module):
         pre = [Local(lambda t, s: patchify(t, p), radius=0, down=p, blocks=True)] if p > 1 else []
         return [*pre, Local(e.conv1, radius=1), *self._locals(e.downsamples[:self._enc_split()])]
 
-    def decode_chain(self) -> list[Local]:
-        """The decoder from its first upsampler on, as local stages ``fn(x, state)``."""
+    def decode_chain(self, split: bool = False) -> list[Local]:
+        """The decoder from its first upsampler on, as local stages ``fn(x, state)`` (``split``: see
+        :meth:`_locals`)."""
         d, p = self.decoder, self.config.patch
         first: list[Local] = []
         ups = d.upsamples[self._dec_split():]
@@ -289,7 +306,7 @@ class WanVAE(nn.Module):
         elif self.config.residual:
             ups = d.upsamples[1:]
         post = [Local(lambda t, s: unpatchify(t, p), radius=0, up=p)] if p > 1 else []
-        return [*first, *self._locals(ups),
+        return [*first, *self._locals(ups, split),
                 Local(lambda t, s: d.head[2](F.silu(d.head[0](t)), s).clamp(-1.0, 1.0), radius=1), *post]
 
     def video_plan(self, kind: str, frames: int) -> list[Segment]:
@@ -301,7 +318,7 @@ class WanVAE(nn.Module):
                     Segment(Whole(self._enc_whole), per_latent, f)]
         per_latent = [(i, i + 1, i, i + 1) for i in range(frames)]
         return [Segment(Whole(self._dec_whole), per_latent, f),
-                Segment(self.decode_chain(), decode_chunks(frames, ft), f)]
+                Segment(self.decode_chain(split=True), decode_chunks(frames, ft), f)]
 
     # the image case (run by vae_core.tiling.halo: 4-D stages, no state)
     @staticmethod
