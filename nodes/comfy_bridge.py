@@ -82,12 +82,34 @@ def engine_vae(vae: Vae) -> Any:
     patch = 2 if first.normalised_latents else 1
     cvae.downscale_ratio = cvae.upscale_ratio = patch * vae.model.config.downscale
     cvae.latent_channels = patch * patch * vae.info.latent_channels
+    cvae.vae_pack_engine = True
+    if vae.family.video and vae.info.family != "qwen-image":  # Qwen-Image's VAE: raw image latents, as before
+        _video_engine(cvae, vae)
+        return cvae
     per_px = estimate_bytes(vae.model, 1, torch.float32) / 4
     ratio = cvae.upscale_ratio ** 2
     cvae.memory_used_decode = lambda shape, dtype: int(per_px * shape[2] * shape[3] * ratio * mm.dtype_size(dtype))
     cvae.memory_used_encode = lambda shape, dtype: int(per_px * shape[2] * shape[3] * mm.dtype_size(dtype))
-    cvae.vae_pack_engine = True
     return cvae
+
+
+def _video_engine(cvae: Any, vae: Vae) -> None:
+    """ComfyUI's video-VAE conventions on an engine VAE (as core sets them for its own Wan VAE): 5-D latents
+    ``[B, C, T, h, w]``, IMAGE frames as one clip, ``1 + ft·(T − 1)`` frames out; memory from the family's streamed
+    working-set estimate (untiled: frame-count independent but for the output)."""
+    f, ft = vae.model.config.downscale, vae.model.config.temporal_scale
+    cvae.latent_dim, cvae.not_video = 3, False
+    cvae.upscale_ratio = (lambda a: max(0, a * ft - (ft - 1)), f, f)
+    cvae.downscale_ratio = (lambda a: max(0, (a + ft - 1) // ft), f, f)
+    cvae.upscale_index_formula = cvae.downscale_index_formula = (ft, f, f)
+    model, family = vae.model, vae.family
+
+    def need(kind: str, frames: int, h: int, w: int, dtype: torch.dtype) -> int:
+        return int(family.video_working_set(model, kind, max(1, frames), h, w, None, dtype)["total"])
+
+    cvae.memory_used_decode = lambda shape, dtype: need("decode", 1 + ft * (shape[2] - 1), shape[3] * f, shape[4] * f,
+                                                        dtype)
+    cvae.memory_used_encode = lambda shape, dtype: need("encode", shape[2], shape[3], shape[4], dtype)
 
 
 def to_comfy_vae(vae: Vae) -> Any:

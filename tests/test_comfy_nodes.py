@@ -380,6 +380,38 @@ def test_qwen_image_vae_runs_on_the_engine(comfy, tmp_path):
     assert "halo tiling, 4 tiles" in note and (image - y_ref).abs().max() < 1e-4  # the chain after the mid block
 
 
+def test_hv15_video_vae_runs_on_the_engine_as_a_video_vae(comfy, tmp_path):
+    """Load VAE on a HunyuanVideo 1.5 VAE (v0.3.64 predates it): a ComfyUI VAE object running vae_core's network with
+    core's video conventions (5-D latents, IMAGE frames as one clip): core VAE Encode/Decode equal diffusers' network
+    on the same weights, and our tiled nodes equal them, exact in space and time."""
+    import comfy.sd as csd
+    import folder_paths
+    from test_family_hv15 import reference as hv15_reference
+
+    reference = hv15_reference()
+    reference.save_pretrained(tmp_path / "hv15")
+    dest = __import__("pathlib").Path(folder_paths.folder_names_and_paths["vae"][0]) / "hunyuanvideo15_vae.safetensors"
+    vae_core.save_vae(vae_core.load_vae(tmp_path / "hv15"), dest)
+    try:
+        vae, info = _node(comfy, "VaePackLoader").load("hunyuanvideo15_vae.safetensors")
+    finally:
+        dest.unlink()
+    assert isinstance(vae, csd.VAE) and "hunyuanvideo1.5" in info and "runs vae_core's network" in info
+    assert vae.latent_dim == 3 and vae.spacial_compression_decode() == 16
+    frames = torch.stack([_photo(144)[0].roll(4 * i, dims=1) for i in range(5)])  # IMAGE: 5 frames, one clip
+    with torch.no_grad():
+        z_ref = reference.encode(frames.movedim(-1, 0)[None] * 2 - 1).latent_dist.mean
+        y_ref = ((reference.decode(z_ref).sample[0] + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0)
+    z = vae.encode(frames)  # core VAEEncode's call
+    assert z.shape == (1, 4, 2, 9, 9) and (z - z_ref).abs().max() < 1e-4
+    decoded = vae.decode(z)  # core VAEDecode's call: [B, F, H, W, C], which the node flattens to frames
+    assert (decoded.reshape(-1, 144, 144, 3) - y_ref).abs().max() < 1e-4
+    image, note = _node(comfy, "VaePackDecodeTiled").decode({"samples": z}, vae, 64, "exact")
+    assert image.shape == (5, 144, 144, 3) and (image - y_ref).abs().max() < 1e-4 and "stream" in note, note
+    latent, note = _node(comfy, "VaePackEncodeTiled").encode(frames, vae, 64, "exact")
+    assert (latent["samples"] - z_ref).abs().max() < 1e-4 and "stream" in note, note
+
+
 def test_auto_tile_is_planned_against_the_devices_total_memory(comfy, monkeypatch):
     """tile_size 0 (auto): when the untiled decode cannot fit even an empty device, the node tiles from the start and
     asks model management only for one tile's working set (asking for the whole image evicted the UNet and text

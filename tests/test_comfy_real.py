@@ -79,6 +79,10 @@ def server(tmp_path_factory):
     save_file(_qwen_full_size(), str(base / "models" / "vae" / "qwen-full-random.safetensors"))
     os.symlink(base / "models" / "vae" / "qwen-full-random.safetensors",  # the same design: a Wan 2.1 VAE for core
                base / "models" / "vae" / "wan_2.1_vae.safetensors")
+    from test_family_hv15 import reference as _hv15
+
+    _hv15().save_pretrained(base / "hv15-diffusers")  # v0.3.64 predates HunyuanVideo 1.5: an engine video VAE
+    vae_core.save_vae(vae_core.load_vae(base / "hv15-diffusers"), base / "models" / "vae" / "hunyuanvideo15_vae.safetensors")
     from test_family_taef2 import DEC_POOL, ENC_POOL, _pool_tensors
     from test_family_tiny import _original_halves, _tiny
 
@@ -468,6 +472,43 @@ def test_wan21_video_from_core_loader_runs_exact_streamed_tiling(server):
     peer = np.abs(_saved_frames(base, outputs, "s14") - core)
     print(f"core VAE Decode (Tiled), 64 px / 32 overlap: max {peer.max():.0f}/255, per frame "
           f"{[round(float(f.max())) for f in peer]}")
+
+
+def test_hv15_video_through_our_loader_into_core_and_tiled_nodes(server):
+    """A HunyuanVideo 1.5 VAE (v0.3.64 predates it) through our Load VAE: core VAE Encode takes the 5 IMAGE frames as
+    one clip and core VAE Decode gives 5 frames (core's video conventions on an engine VAE), equal to a direct
+    vae_core round trip; our tiled decode and encode equal core's within 1/255 on every frame."""
+    url, _, base = server
+    batch = {"5": ("2", "4"), "6": ("5", "5"), "7": ("6", "2")}  # photo, inverted photo (8-bit values, exactly)
+    graph = {"1": {"class_type": "VaePackLoader", "inputs": {"vae_name": "hunyuanvideo15_vae.safetensors"}},
+             "2": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "4": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+             **{k: {"class_type": "ImageBatch", "inputs": {"image1": [a, 0], "image2": [b, 0]}}
+                for k, (a, b) in batch.items()},
+             "8": {"class_type": "VAEEncode", "inputs": {"pixels": ["7", 0], "vae": ["1", 0]}},
+             "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 0]}},
+             "10": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["1", 0],
+                                                                     "tile_size": 256, "mode": "exact"}},
+             "11": {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}},
+             "12": {"class_type": "VaePackEncodeTiled", "inputs": {"pixels": ["7", 0], "vae": ["1", 0],
+                                                                     "tile_size": 256, "mode": "exact"}},
+             "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["1", 0]}},
+             "14": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    graph |= {f"s{k}": {"class_type": "SaveImage", "inputs": {"images": [k, 0], "filename_prefix": f"hv15-{k}"}}
+              for k in ("7", "9", "10", "13")}
+    outputs = _run(url, base, graph)
+    assert "hunyuanvideo1.5" in outputs["14"]["text"][0] and "runs vae_core's network" in outputs["14"]["text"][0]
+    assert re.search(r"stream(-levels)? tiling, [2-9] tiles", outputs["11"]["text"][0]), outputs["11"]
+    core = _saved_frames(base, outputs, "s9")
+    assert core.shape == (5, 512, 512, 3) and core.std() > 5
+    frames = torch.from_numpy(_saved_frames(base, outputs, "s7").astype(np.float64) / 255).float()
+    vae = vae_core.load_vae(base / "models" / "vae" / "hunyuanvideo15_vae.safetensors")
+    with torch.no_grad():
+        direct = vae.decode(vae.encode(frames.permute(3, 0, 1, 2)[None] * 2 - 1))[0].permute(1, 2, 3, 0)
+    direct = ((direct.clamp(-1, 1) + 1) * 127.5).numpy()
+    assert np.abs(core - direct).max() <= 2.0  # core's Encode/Decode run the clip as one video, not 5 images
+    assert np.abs(_saved_frames(base, outputs, "s10") - core).max() <= 1.0  # our tiled decode = core VAE Decode
+    assert np.abs(_saved_frames(base, outputs, "s13") - core).max() <= 1.0  # our tiled encode = core VAE Encode
 
 
 def test_wan_video_example_runs_exact(server):

@@ -12,7 +12,8 @@ import vae_core
 from vae_core.tiling import TileOptions, TileReport
 from vae_core.families.wan.blocks import CausalConv3d
 from vae_core.tiling.halo import Local
-from vae_core.tiling.stream import CausalState, run_segments
+from vae_core.tiling.stream import run_segments
+from video_checks import check_fp16_fix, peak_in_subprocess, per_frame_error, reset_every_chunk
 
 VERSIONS = ("2.1", "2.2")
 
@@ -107,10 +108,6 @@ def test_exact_against_diffusers_chunked_schedule(wan, frames):
         assert (vae.encode(x[:, :, 0]) - got[:, :, 0]).abs().max() < 1e-5
 
 
-def _per_frame_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.double() - b.double()).abs().amax(dim=(0, 1, 3, 4))
-
-
 @pytest.mark.parametrize("schedule,cache_bytes", [("stream", 0), ("stream-levels", 1 << 30)])
 @pytest.mark.parametrize("kind", ["decode", "encode"])
 def test_tiled_equals_untiled_in_space_and_time(wan, kind, schedule, cache_bytes):
@@ -130,7 +127,7 @@ def test_tiled_equals_untiled_in_space_and_time(wan, kind, schedule, cache_bytes
         report = TileReport()
         tiled = getattr(vae, kind)(t, tile=64, report=report, cache_bytes=cache_bytes)
     assert report.schedule == schedule and report.tiles >= 4
-    e_un, e_tiled = _per_frame_error(untiled, exact), _per_frame_error(tiled, exact)
+    e_un, e_tiled = per_frame_error(untiled, exact), per_frame_error(tiled, exact)
     assert e_tiled.numel() == (9 if kind == "decode" else 3)
     assert bool((e_tiled <= 2 * e_un + 1e-6).all()), (e_tiled, e_un)
 
@@ -138,21 +135,10 @@ def test_tiled_equals_untiled_in_space_and_time(wan, kind, schedule, cache_bytes
 def _plan_error(vae: vae_core.Vae, kind: str, t: torch.Tensor, want: torch.Tensor, **kw) -> torch.Tensor:
     with torch.no_grad():
         got = run_segments(vae.model.video_plan(kind, t.shape[2]), t, 32, TileOptions(), **kw)
-    return _per_frame_error(got, want)
+    return per_frame_error(got, want)
 
 
-class _ResetEveryChunk(CausalState):
-    """A causal state whose convs forget their frames at every chunk: what a tiler that restarts causality does
-    (the resamplers' stride phase is kept, so the shapes still work out)."""
-
-    @property
-    def chunk(self) -> int:
-        return self._chunk
-
-    @chunk.setter
-    def chunk(self, value: int) -> None:
-        self._chunk = value
-        self.cache = {k: v for k, v in getattr(self, "cache", {}).items() if not isinstance(k, CausalConv3d)}
+_ResetEveryChunk = reset_every_chunk(CausalConv3d)
 
 
 @pytest.mark.parametrize("schedule", ["tile", "level"])
@@ -194,18 +180,7 @@ def test_fp16_fix_by_rms_norm_scale_invariance(wan):
         for side in (big.model.encoder, big.model.decoder):
             rescale_wan_stream(side, 65536.0)
     plain = vae_core.load_vae(paths["original-file"])
-    x = _video(plain, 5, 2, 3)
-    z = plain.encode(x)
-    y = plain.decode(z)
-    assert (big.encode(x) - z).abs().max() < 1e-3 and (big.decode(z) - y).abs().max() < 1e-3
-    fixed = vae_core.make_fp16_safe(big)
-    assert fixed.info.fp16_fix["peak_before"] > 65504 >= 1024 >= fixed.info.fp16_fix["peak_after"]
-    assert (fixed.decode(z) - y).abs().max() < 1e-3 and (fixed.encode(x) - z).abs().max() < 1e-3
-    unfixed = big.clone().to(torch.float16)
-    assert torch.isfinite(unfixed.decode(z)).all() and unfixed.guard.working_dtype == torch.float32  # overflowed
-    half = fixed.to(torch.float16)
-    y16 = half.decode(z)
-    assert half.guard.working_dtype is None and (y16 - y).abs().max() < 0.05
+    check_fp16_fix(plain, big, _video(plain, 5, 2, 3))
 
 
 def test_bad_video_input_is_named_before_any_work(wan, mini_vae):
@@ -236,59 +211,13 @@ def test_near_misses_named(wan, tmp_path):
         vae_core.load_vae(paths["original-file"], family=other)
 
 
-_WORKER = r"""
-import ctypes, json, sys
-import torch
-from vae_core.families.wan.family import WAN
-from vae_core.families.wan.model import WanConfig, WanVAE
-from vae_core.lab.bench import peak_rss, proc_status_bytes, reset_peak_rss
-from vae_core.tiling import TileOptions
-from vae_core.tiling.stream import run_segments
-
-TILE = 128
-version, kind, frames, side, impl = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-schedule = sys.argv[6]
-torch.set_num_threads(1)
-torch.manual_seed(0)
-extra = {} if version == "2.1" else dict(decoder_base_dim=48, residual=True, patch=2)
-cfg = WanConfig(base_dim=32, z_dim=16, num_res_blocks=1, **extra)
-model = WanVAE(cfg).eval().requires_grad_(False)
-f, lat = cfg.downscale, (1, 16, 1 + (frames - 1) // 4, side // cfg.downscale, side // cfg.downscale)
-if kind == "decode":
-    t = torch.randn(lat)
-    out = torch.zeros(1, 3, frames, side, side)  # the caller's tensor: touched before the measurement
-else:
-    t = torch.rand(1, 3, frames, side, side) * 2 - 1
-    out = torch.zeros(lat)
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-assert reset_peak_rss()
-base = proc_status_bytes("VmRSS")
-with torch.no_grad():
-    if impl == "tiled":
-        run_segments(model.video_plan(kind, t.shape[2]), t, TILE, TileOptions(), out=out, schedule=schedule)
-    elif kind == "decode":
-        model.decode(t, out=out)
-    else:
-        out.copy_(model.encode(t))
-ws = WAN.video_working_set(model, kind, frames, side, side, TILE if impl == "tiled" else None, schedule=schedule)
-print(json.dumps({"peak": peak_rss() - base, "estimate": ws["total"]}))
-"""
+#: the design measured (base width 32, one residual block per level: the same engine as the real widths)
+WAN_MEMORY = {"family": "wan", "config": dict(base_dim=32, z_dim=16, num_res_blocks=1)}
 
 
 def _peak(version: str, kind: str, frames: int, side: int, impl: str, schedule: str = "tile") -> dict:
-    import json
-    import os
-    import subprocess
-    import sys
-
-    # a fixed mmap threshold: glibc otherwise raises it after the first large free and keeps freed tensors in its
-    # heap, so RSS would measure its retention policy (±50 % run to run) rather than the live tensors
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    done = subprocess.run([sys.executable, "-c", _WORKER, version, kind, str(frames), str(side), impl, schedule],
-                          capture_output=True,
-                          text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    assert version == "2.1"
+    return peak_in_subprocess(WAN_MEMORY, kind, frames, side, impl, schedule)
 
 
 @pytest.mark.parametrize("kind", ["decode", "encode"])

@@ -127,3 +127,24 @@ def test_wan_video_tiling_cost_at_real_widths(version, op):
         assert 1.0 < r512 < r256, (sch, r256, r512)
         assert r256 <= b256 and r512 <= b512, (sch, r256, r512)
     assert max(got["level"]) <= WAN_TARGET and all(a < b for a, b in zip(got["level"], got["tile"])), got
+
+
+#: HunyuanVideo 1.5 at its real widths (128..1024, 32 latent channels), 1280×720, (256, 512)-px tiles: the ratios
+#: BENCHMARKS.md reports (121 frames) plus 2 %; the issue's target is ≤ 1.2× with 512-px tiles
+HV15_BOUNDS = {"decode": {"tile": (1.55, 1.26), "level": (1.06, 1.03)},
+               "encode": {"tile": (2.06, 1.49), "level": (1.06, 1.03)}}
+
+
+@pytest.mark.parametrize("op", list(HV15_BOUNDS))
+def test_hv15_video_tiling_cost_at_real_widths(op):
+    """As for Wan (5 frames: the ratio is per frame): both schedules within their recorded bounds, level-major
+    within the issue's 1.2× at 512 px and cheaper than tile-major."""
+    from vae_core.families.hv15.model import HV15Config
+    from vae_core.lab.bench_video import video_flop_ratio
+
+    got = {sch: [video_flop_ratio(HV15Config(), op, 5, 720, 1280, tile, sch) for tile in (256, 512)]
+           for sch in ("tile", "level")}
+    for sch, (r256, r512) in got.items():
+        b256, b512 = HV15_BOUNDS[op][sch]
+        assert 1.0 < r512 < r256 and r256 <= b256 and r512 <= b512, (sch, r256, r512)
+    assert got["level"][1] <= 1.2 and all(a < b for a, b in zip(got["level"], got["tile"])), got

@@ -196,8 +196,10 @@ class Vae:
         if t.shape[0] == 0 or t.shape[-2] < min_side or t.shape[-1] < min_side or (t.ndim == 5 and t.shape[2] == 0):
             raise VaeInputError(f"{name}: shape {tuple(t.shape)}; expected a non-empty batch and sides ≥ {min_side}"
                                 + (" and at least one frame" if t.ndim == 5 else ""))
+        kind = "encode" if name.startswith("encode") else "decode"
+        self.family.check_sides(self.model, t, kind)
         if t.ndim == 5:
-            self.family.check_video(self.model, t, "encode" if name.startswith("encode") else "decode")
+            self.family.check_video(self.model, t, kind)
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise VaeInputError(f"{name}: {bad} of {t.numel()} values are NaN/inf; expected finite values (the "

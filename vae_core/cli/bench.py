@@ -1,7 +1,8 @@
 """``python -m vae_core bench``: time, memory, fidelity and FLOPs of untiled, tiled-exact, tiled-fast and diffusers
 calls, each run in a fresh worker process (:mod:`vae_core.lab.bench`), printed as a Markdown table; with
 ``--frames N``, the same for a video VAE (:mod:`vae_core.lab.bench_video`): the untiled streamed reference, our exact
-tiling level-major and tile-major, and diffusers' ``AutoencoderKLWan`` untiled and tiled, with the temporal seam."""
+tiling level-major and tile-major, and diffusers' own network of the family untiled and tiled, with the temporal
+seam."""
 from __future__ import annotations
 
 import argparse
@@ -119,7 +120,7 @@ def _bench_video(args: argparse.Namespace) -> int:
     family = for_config(config)
     if not family.video:
         raise VaeInputError(f"--frames {frames} with {args.vae}: {family.label}, which takes images only; expected a "
-                            "video VAE (Wan 2.1 / Wan 2.2)")
+                            "video VAE (Wan 2.1 / 2.2, HunyuanVideo 1.5)")
     if frames < 1 or (frames - 1) % config.temporal_scale:
         raise VaeInputError(f"--frames {frames}: expected 1 + {config.temporal_scale}k frames (1, 5, 9, ..., 81)")
     f = config.downscale
@@ -133,7 +134,7 @@ def _bench_video(args: argparse.Namespace) -> int:
           f"{args.tile} px; cache {args.cache_bytes}; median of {args.runs} run(s)")
     impls = [("untiled (streamed reference)", "untiled", None), ("vae_core exact, level-major", "ours", "level"),
              ("vae_core exact, tile-major", "ours", "tile")]
-    if importlib.util.find_spec("diffusers") is not None and family.name == "wan":
+    if importlib.util.find_spec("diffusers") is not None:  # diffusers has every video family here
         impls += [("diffusers untiled", "diffusers-untiled", None), ("diffusers tiled", "diffusers", None)]
     mem_label = "peak alloc" if device == "cuda" else "peak RSS"
     print(_row(["op", "size", "implementation", "time (s)", "time vs untiled", mem_label, "min frame PSNR vs untiled",
@@ -184,7 +185,8 @@ def add_bench_parser(sub: Any) -> None:
                    help="image edges (default 1024 2048 4096 on CUDA, 256 512 on CPU); with --frames, N or WxH "
                         "(default 1280x720 on CUDA, 256 on CPU)")
     s.add_argument("--frames", type=int, default=None,
-                   help="benchmark a video VAE (Wan) on clips of this many frames (1 + 4k); default model: a "
+                   help="benchmark a video VAE (Wan, HunyuanVideo 1.5) on clips of this many frames (1 + 4k); "
+                        "default model: a "
                         "random-weight Wan 2.1 VAE at its real widths")
     s.add_argument("--dtype", default="fp32", choices=list(HOST_CHOICES))
     s.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("encode", help="image or video -> raw latent .safetensors")
     s.add_argument("image", help="8/16-bit or float image (EXIF orientation applied, alpha dropped, first frame); "
-                   "for video VAEs (Wan) also a folder of numbered frames or an .mp4/.webm/.mov/.mkv file (PyAV), "
+                   "for video VAEs (Wan, HunyuanVideo 1.5) also a folder of numbered frames or an .mp4/.webm/.mov/.mkv file (PyAV), "
                    "1 + 4k frames")
     s.add_argument("-o", "--output", required=True, help="a .safetensors latent file")
     _add_run_args(s)

@@ -172,6 +172,10 @@ class Family:
     #: whether the family's networks take videos ``[B, C, T, H, W]`` as well as images
     video: bool = False
 
+    def check_sides(self, model: nn.Module, t: torch.Tensor, kind: str) -> None:
+        """Refuse an image or video ``t`` whose sides ``kind`` cannot run, naming them (default: any side; most
+        networks floor sides that are not multiples of their downscale, as their references do)."""
+
     def check_video(self, model: nn.Module, t: torch.Tensor, kind: str) -> None:
         """Refuse a video ``t`` that ``kind`` cannot run (frame count, sides), naming the value, before any work."""
         raise VaeInputError(f"{kind} input of shape {tuple(t.shape)}: a video, but {self.label} takes images only")

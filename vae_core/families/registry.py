@@ -13,14 +13,16 @@ from torch import nn
 
 from ..errors import VaeInputError
 from .base import Family
+from .hv15.family import HV15
 from .kl.family import KL
 from .tiny.family import TINY
 from .wan.family import WAN
 
 __all__ = ["REGISTRY", "detect", "for_model", "for_config", "by_name"]
 
-#: Every family, in detection order (the most specific key patterns first).
-REGISTRY: tuple[Family, ...] = (TINY, WAN, KL)
+#: Every family, in detection order (the most specific key patterns first: HunyuanVideo 1.5's diffusers keys share
+#: ``mid_block.resnets.0.norm1.gamma`` with Wan's, so hv15 asks first).
+REGISTRY: tuple[Family, ...] = (TINY, HV15, WAN, KL)
 
 
 def detect(sd: Mapping[str, torch.Tensor]) -> Family:
@@ -43,12 +45,13 @@ def for_model(model: nn.Module) -> Family:
 
 
 def for_config(config: Any) -> Family:
-    """The family of a network config (``ModelConfig``, ``WanConfig``, ``TinyConfig``; VaeInputError: none)."""
+    """The family of a network config (``ModelConfig``, ``WanConfig``, ``HV15Config``, ``TinyConfig``;
+    VaeInputError: none)."""
     return _find(config, "config_type", "config")
 
 
 def by_name(name: str) -> Family:
-    """The family called ``name`` (``"kl"``, ``"wan"``, ``"tiny"``)."""
+    """The family called ``name`` (``"kl"``, ``"wan"``, ``"hv15"``, ``"tiny"``)."""
     for f in REGISTRY:
         if f.name == name:
             return f

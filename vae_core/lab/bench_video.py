@@ -1,6 +1,6 @@
 """The video benchmark (``python -m vae_core bench --frames N``): time, peak memory, fidelity, temporal seam and
-FLOPs of a video VAE's untiled (streamed reference) call, our exact tiling in both schedules, and diffusers'
-``AutoencoderKLWan`` untiled and with ``enable_tiling()`` on the same weights, each in a fresh worker process
+FLOPs of a video VAE's untiled (streamed reference) call, our exact tiling in both schedules, and diffusers' network
+(``AutoencoderKLWan``, ``AutoencoderKLHunyuanVideo15``) untiled and with ``enable_tiling()`` on the same weights, each in a fresh worker process
 (:func:`vae_core.lab.bench.measure`).
 
 Inputs: a clip of ``frames`` frames panned across the bundled photo (2 px to the right per frame, so there is
@@ -10,12 +10,13 @@ model (Wan 2.1's real widths, seed 0). FLOPs are counted on the meta device at t
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["video_model", "video_input", "diffusers_wan", "video_call", "video_flop_ratio", "peer_flop_ratio"]
+__all__ = ["video_model", "video_input", "diffusers_video", "video_call", "video_flop_ratio", "peer_flop_ratio"]
 
 #: diffusers' tile stride as a share of the tile (its default 192 of 256)
 PEER_STRIDE = 0.75
@@ -59,19 +60,20 @@ def video_input(spec: dict[str, Any], model: torch.nn.Module, device: torch.devi
     return torch.randn(shape, generator=g).to(device, dtype)
 
 
-def diffusers_wan(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tile: Optional[int],
-                  load: bool = True) -> Any:
-    """diffusers' ``AutoencoderKLWan`` on ``model``'s weights (our converter to its names), with
-    ``enable_tiling()`` at ``tile`` px and a stride of :data:`PEER_STRIDE` × ``tile`` (None: untiled)."""
-    from diffusers import AutoencoderKLWan  # optional, benchmark only
+def diffusers_video(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tile: Optional[int],
+                    load: bool = True) -> Any:
+    """diffusers' network of ``model``'s family (``AutoencoderKLWan``, ``AutoencoderKLHunyuanVideo15``: the class its
+    ``diffusers_config`` names) on ``model``'s weights (our converter to its names), with ``enable_tiling()`` at
+    ``tile`` px and a stride of :data:`PEER_STRIDE` × ``tile`` (None: untiled)."""
+    import diffusers  # optional, benchmark only
 
     from ..families.base import LatentFormat
     from ..families.registry import for_model
 
     family = for_model(model)
-    cfg = dict(family.diffusers_config(model, LatentFormat("wan2.1", 1.0, None, {})))
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    d = AutoencoderKLWan(**cfg)
+    cfg = dict(family.diffusers_config(model, LatentFormat(family.name, 1.0, None, {})))
+    cls = getattr(diffusers, cfg["_class_name"])
+    d = cls(**{k: v for k, v in cfg.items() if not k.startswith("_") and k != "scaling_factor"})
     if load:
         d.load_state_dict(family.file_state_dict(model, dict(model.state_dict()), "diffusers"))
     quiet = logging.getLogger("diffusers")
@@ -82,10 +84,14 @@ def diffusers_wan(model: torch.nn.Module, device: torch.device, dtype: torch.dty
     finally:
         quiet.setLevel(level)
     if tile is not None:
-        stride = max(model.config.downscale, int(tile * PEER_STRIDE) // model.config.downscale
-                     * model.config.downscale)
-        d.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile, tile_sample_stride_height=stride,
-                        tile_sample_stride_width=stride)
+        f = model.config.downscale
+        stride = max(f, int(tile * PEER_STRIDE) // f * f)
+        if "tile_sample_stride_height" in inspect.signature(d.enable_tiling).parameters:  # AutoencoderKLWan
+            d.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile, tile_sample_stride_height=stride,
+                            tile_sample_stride_width=stride)
+        else:  # AutoencoderKLHunyuanVideo15: an overlap factor
+            d.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile, tile_latent_min_height=tile // f,
+                            tile_latent_min_width=tile // f, tile_overlap_factor=1 - PEER_STRIDE)
     return d
 
 
@@ -97,7 +103,7 @@ def video_call(spec: dict[str, Any], model: torch.nn.Module, device: torch.devic
 
     impl, op = spec["impl"], spec["op"]
     if impl in ("diffusers", "diffusers-untiled"):
-        d = diffusers_wan(model, device, dtype, spec.get("tile") if impl == "diffusers" else None)
+        d = diffusers_video(model, device, dtype, spec.get("tile") if impl == "diffusers" else None)
         if op == "decode":
             return (lambda t: d.decode(t).sample), None
         return (lambda t: d.encode(t).latent_dist.mean), None
@@ -142,7 +148,7 @@ def video_flop_ratio(config: Any, op: str, frames: int, height: int, width: int,
 
 def peer_flop_ratio(config: Any, op: str, frames: int, height: int, width: int, tile: Optional[int]
                     ) -> Optional[float]:
-    """diffusers' ``AutoencoderKLWan`` (``tile`` px with ``enable_tiling()``, None untiled) over our untiled call,
+    """diffusers' network (``tile`` px with ``enable_tiling()``, None untiled) over our untiled call,
     counted on the meta device; None without diffusers or where its code cannot run on meta tensors."""
     from ..families.registry import for_config
 
@@ -154,7 +160,7 @@ def peer_flop_ratio(config: Any, op: str, frames: int, height: int, width: int, 
         with torch.no_grad():
             base = _count(lambda: (model.decode if op == "decode" else model.encode)(x))
             with torch.device("meta"):
-                d = diffusers_wan(model, torch.device("meta"), torch.float32, tile, load=False)
+                d = diffusers_video(model, torch.device("meta"), torch.float32, tile, load=False)
             fn = (lambda: d.decode(x).sample) if op == "decode" else (lambda: d.encode(x).latent_dist.mean)
             return _count(fn) / base
     except (ImportError, RuntimeError, NotImplementedError, TypeError):

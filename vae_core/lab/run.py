@@ -23,14 +23,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import metrics
 from .inputs import IMAGE_EXTENSIONS, find_images, frames_of, load_input, prepare_image, prepare_input
@@ -120,8 +118,8 @@ class LabResult:
 
 def capabilities(vae: Vae) -> set[str]:
     """What a loaded VAE can run besides the plain dtypes and vae_core's tiling: ``"fp16-fix"`` (GroupNorm- or RMS-
-    norm-normalised stream) and ``"diffusers"`` (a network diffusers holds: a kl-f8 ``AutoencoderKL``, or a Wan
-    VAE as ``AutoencoderKLWan``)."""
+    norm-normalised stream) and ``"diffusers"`` (a network diffusers holds: a kl-f8 ``AutoencoderKL``, a Wan VAE as
+    ``AutoencoderKLWan``, HunyuanVideo 1.5's as ``AutoencoderKLHunyuanVideo15``)."""
     caps = set()
     if vae.family.fp16_fix is not None:
         caps.add("fp16-fix")
@@ -163,7 +161,7 @@ def make_settings(vaes: Sequence[str], dtypes: Sequence[str], tiles: Sequence[Op
                     if m == "diffusers" and "diffusers" not in can:
                         if not any(n.startswith(f"{v} · diffusers") for n in notes):
                             notes.append(f"{v} · diffusers tiling: not run (diffusers' tiling row is for kl-f8 "
-                                         "AutoencoderKL VAEs: SD1/2, SDXL, SD3, Flux.1; and Wan VAEs)")
+                                         "AutoencoderKL VAEs: SD1/2, SDXL, SD3, Flux.1; and the video VAEs)")
                     elif m == "diffusers" and d == "fp16-fix":
                         notes.append(f"{s.label}: not run (diffusers' network does not carry the fp16 fix's "
                                      "rescaled GroupNorm eps; compare fp16 instead)")
@@ -203,12 +201,12 @@ class _Variants:
         return self.cache[key]
 
     def diffusers(self, label: str, dtype: str, tile: int) -> Any:
-        """diffusers' AutoencoderKL (AutoencoderKLWan for a video VAE) on the same weights with ``enable_tiling`` at
+        """diffusers' AutoencoderKL (its own class for a video VAE) on the same weights with ``enable_tiling`` at
         ``tile`` px."""
         key = (label, dtype, tile)
         if key not in self.peers:
             from .bench import _diffusers_model
-            from .bench_video import diffusers_wan
+            from .bench_video import diffusers_video
 
             vae = self.get(label, dtype)
             try:
@@ -220,7 +218,7 @@ class _Variants:
             level = quiet.level
             quiet.setLevel(logging.ERROR)  # its advice on casting with .to() is about from_pretrained, not this copy
             try:
-                build = diffusers_wan if vae.family.video else _diffusers_model
+                build = diffusers_video if vae.family.video else _diffusers_model
                 self.peers[key] = build(vae.model, vae.device, vae.dtype, tile)
             except ImportError as exc:
                 raise VaeInputError(f"--mode diffusers: diffusers is not installed ({exc}); expected `pip install "

@@ -33,7 +33,7 @@ from .halo import Local, Whole, stage_sizes as _sizes, windows as _windows
 from .options import TileOptions
 
 __all__ = ["CausalState", "Segment", "Chunk", "run_segments", "stream_tiled", "stream_levels", "level_cores",
-           "estimate_working_set", "is_first", "SCHEDULES"]
+           "estimate_working_set", "is_first", "SCHEDULES", "encode_chunks", "decode_chunks", "run_chunked"]
 
 #: ``(in_start, in_end, out_start, out_end)``: a chunk's input and output frame ranges.
 Chunk = tuple[int, int, int, int]
@@ -221,6 +221,31 @@ def stream_levels(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], 
         del t
     assert out is not None
     return out, max(len(g) for g in grids), sum(s.nbytes for row in states for s in row)
+
+
+def encode_chunks(frames: int, ft: int) -> list[Chunk]:
+    """The causal video VAEs' encode schedule for ``frames = 1 + ft·k``: frame 0, then ``ft``-frame chunks, one latent
+    frame each."""
+    return [(0, 1, 0, 1)] + [(1 + ft * i, 1 + ft * (i + 1), 1 + i, 2 + i) for i in range((frames - 1) // ft)]
+
+
+def decode_chunks(latent_frames: int, ft: int) -> list[Chunk]:
+    """Their decode schedule: one latent frame at a time; the first gives 1 frame, the others ``ft``."""
+    return [(0, 1, 0, 1)] + [(i, i + 1, 1 + ft * (i - 1), 1 + ft * i) for i in range(1, latent_frames)]
+
+
+def run_chunked(fn: Callable[[torch.Tensor, CausalState], torch.Tensor], x: torch.Tensor, chunks: list[Chunk],
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A reference schedule, untiled: ``fn(chunk, state)`` on each chunk of ``x [B, C, T, H, W]`` in order with one
+    causal state, each result written at its output frames (into ``out`` if given)."""
+    state = CausalState()
+    for index, (i0, i1, o0, o1) in enumerate(chunks):
+        state.chunk = index
+        y = fn(x[:, :, i0:i1], state)
+        out = _alloc(out, y, (y.shape[0], y.shape[1], chunks[-1][3], y.shape[3], y.shape[4]))
+        out[:, :, o0:o1] = y
+    assert out is not None
+    return out
 
 
 def _stream_whole(stage: Whole, x: torch.Tensor, chunks: list[Chunk], frames_out: int,

@@ -52,11 +52,11 @@ class VAE:
         if self.first_stage_model is None:
             raise RuntimeError("ERROR: VAE is invalid: None")
 
-    def spacial_compression_decode(self):
-        return self.upscale_ratio
+    def spacial_compression_decode(self):  # as ComfyUI: a video VAE's ratio is (time formula, h, w)
+        return self.upscale_ratio[-1] if isinstance(self.upscale_ratio, tuple) else self.upscale_ratio
 
     def spacial_compression_encode(self):
-        return self.downscale_ratio
+        return self.downscale_ratio[-1] if isinstance(self.downscale_ratio, tuple) else self.downscale_ratio
 
     def _decode(self, z):
         model_management.load_models_gpu([self.patcher], memory_required=1)

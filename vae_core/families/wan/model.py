@@ -19,19 +19,20 @@ The reference schedule (the model's own, diffusers' ``AutoencoderKLWan`` with ti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...errors import VaeInputError
-from ...tiling.halo import Local, Whole
-from ...tiling.stream import CausalState, Chunk, Segment, is_first
+from ..streamed import CausalVideoNet
+from ...tiling.halo import Local
+from ...tiling.stream import CausalState, is_first
 from .blocks import (AttentionBlock, CausalConv3d, DownBlock, RMSNorm, Resample, ResidualBlock, UpBlock, patchify,
                      unpatchify)
 
-__all__ = ["WanConfig", "WanVAE", "encode_chunks", "decode_chunks"]
+__all__ = ["WanConfig", "WanVAE"]
 
 #: frames per encode chunk after the first (the reference's, for every Wan VAE)
 CHUNK = 4
@@ -80,16 +81,6 @@ class WanConfig:
         return [(self.decoder_base_dim or self.base_dim) * m for m in self.dim_mult]
 
 
-def encode_chunks(frames: int) -> list[Chunk]:
-    """The reference encode schedule for ``frames = 1 + 4k``: frame 0, then 4-frame chunks, one latent frame each."""
-    return [(0, 1, 0, 1)] + [(1 + CHUNK * i, 1 + CHUNK * (i + 1), 1 + i, 2 + i) for i in range((frames - 1) // CHUNK)]
-
-
-def decode_chunks(latent_frames: int, ft: int) -> list[Chunk]:
-    """The reference decode schedule: one latent frame at a time; the first gives 1 frame, the others ``ft``."""
-    return [(0, 1, 0, 1)] + [(i, i + 1, 1 + ft * (i - 1), 1 + ft * i) for i in range(1, latent_frames)]
-
-
 def _head(dim: int, cout: int) -> nn.Sequential:
     return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, cout, 3, padding=1))
 
@@ -100,7 +91,7 @@ def _run(seq: nn.Module, x: torch.Tensor, state: Optional[CausalState]) -> torch
     return x
 
 
-class WanVAE(nn.Module):
+class WanVAE(CausalVideoNet, nn.Module):
     """The Wan-design VAE (see the module docstring). ``temporal_down`` flags (default ``cfg.temporal_down``) say
     which encoder resamplers carry a ``time_conv``; the decoder's are the reverse."""
 
@@ -212,12 +203,6 @@ class WanVAE(nn.Module):
         c = first.upsamples[-1].resample[1].in_channels
         return first.upsamples[-1](t[:, :c], state) + first.avg_shortcut(t[:, c:], is_first(state))
 
-    def _dec_local(self, h: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
-        for st in self.decode_chain():
-            h = st.fn(h, state)
-        return h
-
-    # -- reference calls ---------------------------------------------------------------------------------------
     def check_video(self, t: torch.Tensor, kind: str) -> None:
         """Refuse a video the schedule cannot run: frame count ``1 + 4k`` for encode, a 4× temporal design."""
         if self.config.temporal_scale != CHUNK:
@@ -225,35 +210,6 @@ class WanVAE(nn.Module):
                                 f"{self.config.temporal_scale}; expected 4 (temporal_down with two True levels)")
         if kind == "encode" and (t.shape[2] - 1) % CHUNK:
             raise VaeInputError(f"encode input: {t.shape[2]} frames; expected 1 + 4k frames (1, 5, 9, ..., 81)")
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Videos ``[B, 3, 1 + 4k, H, W]`` → raw latents ``[B, z, 1 + k, H/f, W/f]`` by the reference schedule (one
-        causal state, chunk by chunk); images ``[B, 3, H, W]`` → ``[B, z, H/f, W/f]``."""
-        if x.dim() == 4:
-            return self._enc_whole(self._enc_local(x.unsqueeze(2), None), None).squeeze(2)
-        self.check_video(x, "encode")
-        state, out = CausalState(), []
-        for i, (i0, i1, _, _) in enumerate(encode_chunks(x.shape[2])):
-            state.chunk = i
-            out.append(self._enc_whole(self._enc_local(x[:, :, i0:i1], state), state))
-        return torch.cat(out, 2)
-
-    def decode(self, z: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Raw latents ``[B, z, T, h, w]`` → videos ``[B, 3, 1 + 4(T − 1), f·h, f·w]`` clamped to [-1, 1], one
-        latent frame at a time (into ``out`` if given); ``[B, z, h, w]`` → images ``[B, 3, f·h, f·w]``."""
-        if z.dim() == 4:
-            return self._dec_local(self._dec_whole(z.unsqueeze(2), None), None).squeeze(2)
-        self.check_video(z, "decode")
-        state = CausalState()
-        chunks = decode_chunks(z.shape[2], self.config.temporal_scale)
-        for i, (i0, i1, o0, o1) in enumerate(chunks):
-            state.chunk = i
-            y = self._dec_local(self._dec_whole(z[:, :, i0:i1], state), state)
-            if out is None:
-                out = y.new_empty((*y.shape[:2], chunks[-1][3], *y.shape[3:]))
-            out[:, :, o0:o1] = y
-        assert out is not None
-        return out
 
     # -- exact tiling --------------------------------------------------------------------------------------------
     @staticmethod
@@ -309,28 +265,6 @@ class WanVAE(nn.Module):
         return [*first, *self._locals(ups, split),
                 Local(lambda t, s: d.head[2](F.silu(d.head[0](t)), s).clamp(-1.0, 1.0), radius=1), *post]
 
-    def video_plan(self, kind: str, frames: int) -> list[Segment]:
-        """The streamed plan of a video call: local chains tiled, the mid block whole (at latent resolution)."""
-        f, ft = self.config.downscale, self.config.temporal_scale
-        if kind == "encode":
-            per_latent = [(i, i + 1, i, i + 1) for i in range(1 + (frames - 1) // CHUNK)]
-            return [Segment(self.encode_chain(), encode_chunks(frames), 1),
-                    Segment(Whole(self._enc_whole), per_latent, f)]
-        per_latent = [(i, i + 1, i, i + 1) for i in range(frames)]
-        return [Segment(Whole(self._dec_whole), per_latent, f),
-                Segment(self.decode_chain(split=True), decode_chunks(frames, ft), f)]
-
-    # the image case (run by vae_core.tiling.halo: 4-D stages, no state)
-    @staticmethod
-    def _image(stage: Union[Local, Whole]) -> Union[Local, Whole]:
-        def fn(t: torch.Tensor, g=stage.fn) -> torch.Tensor:
-            return g(t.unsqueeze(2), None).squeeze(2)
-        if isinstance(stage, Whole):
-            return Whole(fn, stage.up, stage.down)
-        return Local(fn, stage.radius, stage.up, stage.down, stage.blocks)
-
-    def encode_stages(self) -> list[Union[Local, Whole]]:
-        return [self._image(s) for s in (*self.encode_chain(), Whole(self._enc_whole))]
-
-    def decode_stages(self) -> list[Union[Local, Whole]]:
-        return [self._image(s) for s in (Whole(self._dec_whole), *self.decode_chain())]
+    def plan_decode_chain(self) -> list[Local]:
+        """Wan 2.2's decoder levels one stage per residual block for the streamed plans (smaller halos there)."""
+        return self.decode_chain(split=True)
