@@ -57,10 +57,11 @@ def decode(model: nn.Module, z: torch.Tensor, opts: Optional[TileOptions] = None
 
 def encode(model: nn.Module, x: torch.Tensor, opts: Optional[TileOptions] = None) -> torch.Tensor:
     """Encode images ``[B, 3, H, W]`` (or videos ``[B, 3, F, H, W]``) in [-1, 1] → raw posterior means
-    ``[B, C, H//f, W//f]`` (``[B, C, T, H//f, W//f]``); see :func:`decode`."""
+    ``[B, C, H//f, W//f]`` (``[B, C, T, H//f, W//f]``; with ``opts.moments`` means and log-variances, ``2C``
+    channels); see :func:`decode`."""
     opts = _video_tile(model, "encode", x, opts or TileOptions())
-    return run("encode", model, x, opts, (x.shape[-2], x.shape[-1]), model.encode,
-               for_model(model).tiled("encode"))
+    return run("encode", model, x, opts, (x.shape[-2], x.shape[-1]), model.encode_moments if opts.moments
+               else model.encode, for_model(model).tiled("encode"))
 
 
 def cache_needed(model: nn.Module, op: str, height: int, width: int, tile: int,

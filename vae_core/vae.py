@@ -206,6 +206,14 @@ class Vae:
                                 "input is broken before the VAE, e.g. NaN latents from the sampler)")
         return t
 
+    @staticmethod
+    def _check_range(x: torch.Tensor) -> None:
+        lo, hi = float(x.min()), float(x.max())
+        if hi > ENCODE_RANGE_LIMIT or lo < -ENCODE_RANGE_LIMIT:
+            raise VaeInputError(f"encode input: values in [{lo:.4g}, {hi:.4g}]; expected images in [-1, 1] (values "
+                                f"beyond ±{ENCODE_RANGE_LIMIT:g} are refused: 0..255 pixels must be divided by 127.5 "
+                                "and shifted by -1 first)")
+
     def _call(self, what: str, t: torch.Tensor, fn: Callable[[torch.nn.Module, torch.Tensor, tiling.TileOptions],
               torch.Tensor], opts: tiling.TileOptions) -> torch.Tensor:
         base = self.guard.working_dtype or self.dtype
@@ -239,14 +247,31 @@ class Vae:
                 pixels; slight overshoot past [-1, 1] from resampling is accepted as is).
         """
         x = self._check(x, "encode input", self.model.config.in_channels, self.model.config.downscale)
-        lo, hi = float(x.min()), float(x.max())
-        if hi > ENCODE_RANGE_LIMIT or lo < -ENCODE_RANGE_LIMIT:
-            raise VaeInputError(f"encode input: values in [{lo:.4g}, {hi:.4g}]; expected images in [-1, 1] (values "
-                                f"beyond ±{ENCODE_RANGE_LIMIT:g} are refused: 0..255 pixels must be divided by 127.5 "
-                                "and shifted by -1 first)")
+        self._check_range(x)
         opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
                                   report=report, schedule=schedule)
         return self._call("encode", x, engine.encode, opts)
+
+    def posterior(self, x: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
+                  progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,
+                  cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None,
+                  schedule: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode`, returning the posterior's raw mean and log-variance (float32, each ``[B, C, ...]``), e.g.
+        to draw a sample ``mean + exp(logvar / 2) · ε`` (diffusers clamps the log-variance to [-30, 20] first).
+
+        Raises:
+            VaeInputError: as :meth:`encode`, or a deterministic encoder (the tiny autoencoders).
+        """
+        if self.family.deterministic:
+            raise VaeInputError(f"the posterior of {self.family.label}: it encodes deterministically (no log-variance "
+                                "to sample from); expected the mean (encode)")
+        x = self._check(x, "encode input", self.model.config.in_channels, self.model.config.downscale)
+        self._check_range(x)
+        opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
+                                  report=report, schedule=schedule, moments=True)
+        moments = self._call("encode", x, engine.encode, opts)
+        c = moments.shape[1] // 2
+        return moments[:, :c], moments[:, c:]
 
     def decode(self, z: torch.Tensor, tile: tiling.TileArg = None, mode: str = "exact",
                progress: Optional[tiling.Progress] = None, cancel: Optional[Callable[[], object]] = None,

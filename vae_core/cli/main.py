@@ -379,9 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_roundtrip)
 
     from .bench import add_bench_parser
+    from .cache import add_cache_parsers
     from .lab import add_eval_parser
     add_bench_parser(sub)
     add_eval_parser(sub)
+    add_cache_parsers(sub)
     return p
 
 

@@ -171,6 +171,8 @@ class Family:
 
     #: whether the family's networks take videos ``[B, C, T, H, W]`` as well as images
     video: bool = False
+    #: whether the encoder is deterministic (no posterior log-variance: nothing to sample)
+    deterministic: bool = False
 
     def check_sides(self, model: nn.Module, t: torch.Tensor, kind: str) -> None:
         """Refuse an image or video ``t`` whose sides ``kind`` cannot run, naming them (default: any side; most
@@ -221,7 +223,11 @@ class HaloFamily(Family):
         if kind == "decode":
             return lambda model, z, tile, opts: halo_tiled(model.decode_stages(), z, tile, model.config.downscale,
                                                            opts)
-        return lambda model, x, tile, opts: halo_tiled(model.encode_stages(), x, tile, 1, opts)
+        def encode(model: nn.Module, x: torch.Tensor, tile: int, opts: Any) -> torch.Tensor:
+            if opts.moments:
+                raise VaeInputError(f"the posterior of {self.label}: it encodes deterministically; expected the mean")
+            return halo_tiled(model.encode_stages(), x, tile, 1, opts)
+        return encode
 
 
 def count_parameters(model: nn.Module) -> int:

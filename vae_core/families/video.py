@@ -73,12 +73,14 @@ class VideoFamily(HaloFamily):
     def tiled(self, kind: str):
         """Images (4-D) by halos; videos (5-D) by the streamed plan of the network's ``video_plan``."""
         def run(model: nn.Module, t: torch.Tensor, tile: int, opts: Any) -> torch.Tensor:
+            moments = kind == "encode" and opts.moments
             if t.dim() == 5:
                 model.check_video(t, kind)
                 schedule = (opts.schedule if opts.schedule != "auto"
                             else self.video_schedule(model, kind, t, tile, opts.cache_bytes))
-                return run_segments(model.video_plan(kind, t.shape[2]), t, tile, opts, schedule=schedule)
+                plan = model.video_plan(kind, t.shape[2], moments) if moments else model.video_plan(kind, t.shape[2])
+                return run_segments(plan, t, tile, opts, schedule=schedule)
             if kind == "decode":
                 return halo_tiled(model.decode_stages(), t, tile, model.config.downscale, opts)
-            return halo_tiled(model.encode_stages(), t, tile, 1, opts)
+            return halo_tiled(model.encode_stages(moments), t, tile, 1, opts)
         return run

@@ -13,7 +13,7 @@ import torch
 from ..errors import VaeInputError
 from .atomic import atomic_write, save_safetensors
 
-__all__ = ["load_image", "save_image", "save_latent", "load_latent", "bundled_fixture",
+__all__ = ["load_image", "load_image_bytes", "save_image", "save_latent", "load_latent", "bundled_fixture",
            "image_format", "check_latent_output", "latent_metadata", "FLOAT_RANGE_TOLERANCE"]
 
 log = logging.getLogger(__name__)
@@ -88,17 +88,28 @@ def load_image(path: PathLike) -> torch.Tensor:
         VaeInputError: missing or unreadable file, unsupported mode or value range, or an image above PIL's
             decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, not raised here).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     p = Path(path)
     if not p.exists():
         raise VaeInputError(f"{path}: no such file; expected an existing image file")
     if p.is_dir():
         raise VaeInputError(f"{path}: is a folder; expected an image file")
+    return _decode(p, path)
+
+
+def load_image_bytes(data: bytes, name: str) -> torch.Tensor:
+    """:func:`load_image` of an image file's bytes (e.g. a member of a tar shard); ``name`` for messages."""
+    import io
+
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: object, path: PathLike) -> torch.Tensor:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
+            with Image.open(source) as im:
                 frames = getattr(im, "n_frames", 1)
                 if frames > 1:
                     im.seek(0)
@@ -112,7 +123,8 @@ def load_image(path: PathLike) -> torch.Tensor:
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         if isinstance(exc, VaeInputError):
             raise
-        raise VaeInputError(f"{path}: not a readable image ({exc}); expected a PNG/JPEG/WebP/TIFF file") from exc
+        what = "no image format PIL identifies" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise VaeInputError(f"{path}: not a readable image ({what}); expected a PNG/JPEG/WebP/TIFF file") from exc
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]

@@ -53,6 +53,8 @@ class TileOptions:
             ``"auto"``/None (a share of free memory, see :mod:`vae_core.tiling.cache`). 0 recomputes instead.
         proxy_pixels: image pixels of the ``fast`` proxy run; default max(256², tile²), about one tile.
         report: a :class:`TileReport` to fill in.
+        moments: encode only: return the posterior's mean and log-variance stacked on channels (``2C``) instead
+            of the mean (for sampling; a deterministic autoencoder refuses).
         schedule: videos only: ``"auto"`` (level-major where the cache budget holds it, else tile-major),
             ``"level"`` or ``"tile"`` (see :mod:`vae_core.tiling.stream`).
         channels_last: run on channels-last activations (measured 0.5-0.85x the time on CPU, but CPU GroupNorm is
@@ -69,6 +71,7 @@ class TileOptions:
     report: Optional[TileReport] = None
     channels_last: bool = False
     schedule: str = "auto"
+    moments: bool = False
 
 
 def check_mode(opts: TileOptions) -> None:

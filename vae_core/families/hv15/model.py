@@ -165,15 +165,14 @@ class HV15VAE(CausalVideoNet, nn.Module):
     def _enc_local(self, x: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
         return _run(self._enc_levels(True), self.encoder.conv_in(x, state), state)
 
-    def _enc_whole(self, h: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
-        """Latent-resolution levels, mid block and head → the posterior mean ``[B, z, t, h, w]``."""
+    def _enc_moments(self, h: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
+        """Latent-resolution levels, mid block and head → the posterior's mean and log-variance ``[B, 2z, t, h, w]``."""
         e, z = self.encoder, self.config.z_dim
         h = _run(self._enc_levels(False), h, state)
         h = _run((e.mid.block_1, e.mid.attn_1, e.mid.block_2), h, state)
         b, c, t, hh, ww = h.shape
         shortcut = h.view(b, 2 * z, c // (2 * z), t, hh, ww).mean(dim=2) * self.encoder_shortcut_scale
-        moments = e.conv_out(F.silu(e.norm_out(h)), state) + shortcut
-        return moments[:, :z]
+        return e.conv_out(F.silu(e.norm_out(h)), state) + shortcut
 
     def _dec_whole(self, z: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
         """Input conv (plus the latent repeated over its channels), mid block and the latent-resolution blocks."""

@@ -274,9 +274,18 @@ class AutoencoderKL(nn.Module):
             moments = self.quant_conv(moments)
         return moments[:, : moments.shape[1] // 2]
 
+    def quant_moments(self, moments: torch.Tensor) -> torch.Tensor:
+        """Encoder moments → the posterior's mean and log-variance ``[B, 2·latent_channels, h, w]`` (after
+        quant_conv)."""
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``[B,3,H,W]`` in [-1, 1] → raw posterior mean ``[B, C, H//8, W//8]``."""
         return self.moments_to_mean(self.encoder(x))
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``[B,3,H,W]`` → the posterior's mean and log-variance ``[B, 2C, H//8, W//8]``."""
+        return self.quant_moments(self.encoder(x))
 
     def decode_input(self, z: torch.Tensor) -> torch.Tensor:
         return z if self.post_quant_conv is None else self.post_quant_conv(z)

@@ -101,8 +101,10 @@ def decode_tiled(model: AutoencoderKL, z: torch.Tensor, tile: int, opts: TileOpt
 
 
 def encode_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, opts: TileOptions) -> torch.Tensor:
-    """Tiled encode of images ``x`` ``[B, 3, H, W]`` → raw posterior mean ``[B, C, H//8, W//8]``."""
-    return model.moments_to_mean(encoder_forward_tiled(model, x, tile, opts))
+    """Tiled encode of images ``x`` ``[B, 3, H, W]`` → raw posterior mean ``[B, C, H//8, W//8]`` (with
+    ``opts.moments``: mean and log-variance, ``2C`` channels)."""
+    moments = encoder_forward_tiled(model, x, tile, opts)
+    return model.quant_moments(moments) if opts.moments else model.moments_to_mean(moments)
 
 
 def decoder_forward(model: AutoencoderKL, h: torch.Tensor, opts: Optional[TileOptions] = None) -> torch.Tensor:

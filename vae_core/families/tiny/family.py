@@ -49,6 +49,8 @@ _NO_FIX = ("a tiny autoencoder has no normalisation and small activations in its
 class TinyFamily(HaloFamily):
     """The tiny family (see the module docstring)."""
 
+    deterministic = True
+
     def recognises(self, sd: Mapping[str, torch.Tensor]) -> bool:
         return is_tiny(_unprefixed(sd))
 

@@ -138,6 +138,10 @@ class TinyAutoencoder(nn.Module):
         """Images ``[B, 3, H, W]`` in [-1, 1] (H, W multiples of 8) → raw latents ``[B, C, H/8, W/8]``."""
         return self._to_raw(self._half("encoder")((x + 1) / 2))
 
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """A tiny autoencoder has no posterior to sample: refused (VaeInputError)."""
+        raise VaeInputError("the posterior of a tiny autoencoder: it encodes deterministically; expected the mean")
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]`` in about [-1, 1] (not clamped)."""
         return self._half("decoder")(self._from_raw(z)) * 2 - 1

@@ -180,10 +180,10 @@ class WanVAE(CausalVideoNet, nn.Module):
         e = self.encoder
         return _run(e.downsamples[:self._enc_split()], e.conv1(patchify(x, self.config.patch), state), state)
 
-    def _enc_whole(self, h: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
+    def _enc_moments(self, h: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
         e = self.encoder
         h = _run(e.middle, _run(e.downsamples[self._enc_split():], h, state), state)
-        return self.conv1(e.head[2](F.silu(e.head[0](h)), state))[:, : self.config.z_dim]
+        return self.conv1(e.head[2](F.silu(e.head[0](h)), state))
 
     def _dec_whole(self, z: torch.Tensor, state: Optional[CausalState]) -> torch.Tensor:
         """Up to the first upsampler. Wan 2.2: ``[level-0 residual output; level-0 input]`` stacked on channels
