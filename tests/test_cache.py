@@ -5,6 +5,7 @@ musubi exports read back with the right names, keys and shapes; bad inputs land 
 (and --strict stops at the first); --verify finds a corrupted shard."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -62,6 +63,12 @@ def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")}
 
 
+def _index(out: Path) -> list[dict]:
+    """Every entry of every shard index, each with the tar it is in."""
+    return [json.loads(line) | {"tar": p.name.replace(".jsonl", ".tar")} for p in sorted(out.glob("shard-*.jsonl"))
+            for line in p.read_text().splitlines()]
+
+
 def _counts(done: subprocess.CompletedProcess) -> dict[str, int]:
     import re
 
@@ -115,11 +122,11 @@ def test_latents_equal_a_direct_encode_of_the_recorded_crop(dataset, single):
     index = [json.loads(line) for line in (single / "shard-000003.jsonl").read_text().splitlines()]
     e = next(e for e in index if e["status"] == "ok")
     with tarfile.open(single / "shard-000003.tar") as tar:
-        z = load(tar.extractfile(e["key"] + ".safetensors").read())["latents"]
+        z = load(tar.extractfile(e["member"] + ".safetensors").read())["latents"]
     x = load_image(dataset.parent / e["name"])
     assert [x.shape[-1], x.shape[-2]] == e["original_size"]
-    px, crop = fit(x, tuple(e["bucket"]), BucketSpec(96, 64, 256, 64), e["key"])
-    assert list(crop) == e["crop_ltrb"] and list(z.shape) == e["latent_shape"] == [4, e["bucket"][1] // 8,
+    px, crop, resized = fit(x, tuple(e["bucket"]), BucketSpec(96, 64, 256, 64), e["key"])
+    assert list(crop) == e["crop_box"] and list(resized) == e["resized"] and list(z.shape) == e["latent_shape"] == [4, e["bucket"][1] // 8,
                                                                                      e["bucket"][0] // 8]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the cache ran
@@ -154,11 +161,14 @@ def test_rerun_is_a_no_op_and_changes_reencode_only_what_they_affect(dataset, si
     same = _cache(dataset, "--vae", MINI_LDM, "-o", out, *BUCKETS)
     assert same.returncode == 0 and _counts(same) == {"encoded": 0, "reused": 0} and "11 already done" in same.stdout
     assert _files(out) == before
+    untiled = _index(out)
     tiled = _cache(dataset, "--vae", MINI_LDM, "-o", out, *BUCKETS, "--tile", "64")
     m = json.loads((out / "manifest.json").read_text())
-    squares = sum(1 for s in range(11) for line in (out / f"shard-{s:06d}.jsonl").read_text().splitlines()
-                  if json.loads(line).get("bucket") == [64, 64])
-    assert squares > 0 and _counts(tiled) == {"encoded": 40 - squares, "reused": squares}  # 64² items: untiled
+    after = _index(out)
+    squares = [e["tar"] for e in after if e.get("bucket") == [64, 64]]  # 64² items run untiled: same keys
+    kept = {e["tar"] for e in after} - {a["tar"] for a, e in zip(untiled, after) if a["key"] != e["key"]}
+    assert squares and kept and f"{len(kept)} already done" in tiled.stdout  # shards of 64² items only: untouched
+    assert _counts(tiled) == {"encoded": 40 - len(squares), "reused": sum(t not in kept for t in squares)}
     assert m["settings"]["tile"] == 64 and m["ok"] == 40
     stored = _cache(dataset, "--vae", MINI_LDM, "-o", out, *BUCKETS, "--tile", "64", "--store-dtype", "fp16")
     assert _counts(stored) == {"encoded": 40, "reused": 0}
@@ -176,6 +186,8 @@ def test_verify_finds_a_corrupted_shard(single, tmp_path):
     tar.write_bytes(bytes(data))
     done = _cache("-o", out, "--verify")
     assert done.returncode == 1 and "shard-000002.tar: sha256 differs" in done.stdout
+    code = main(["cache-export", str(out), "--to", "kohya", "-o", str(tmp_path / "k")])
+    assert code == 2 and not (tmp_path / "k").exists()  # checked before anything is written
 
 
 def test_strict_stops_at_the_first_bad_item(dataset, tmp_path, capsys):
@@ -184,21 +196,38 @@ def test_strict_stops_at_the_first_bad_item(dataset, tmp_path, capsys):
     assert code == 2 and "--strict: stopped at the first bad item" in capsys.readouterr().err
 
 
-def test_kohya_export_reads_back_with_its_names_and_keys(single, dataset, tmp_path):
+def load_latents(cache: Path, e: dict) -> torch.Tensor:
+    with tarfile.open(cache / e["tar"]) as tar:
+        return load(tar.extractfile(e["member"] + ".safetensors").read())["latents"]
+
+
+def test_kohya_export_reads_back_with_its_names_and_keys(single, dataset, tmp_path, capsys):
+    from vae_core.caching.buckets import kohya_crop_ltrb
+
     out = tmp_path / "kohya"
     assert main(["cache-export", str(single), "--to", "kohya", "-o", str(out)]) == 0
+    assert "skipped 4 item(s)" in capsys.readouterr().out
     m = json.loads((single / "manifest.json").read_text())
     files = sorted(out.rglob("*.npz"))
     assert len(files) == m["ok"] == 40
-    f = out / "a" / "img01.npz"
-    index = [json.loads(line) for s in range(11) for line in (single / f"shard-{s:06d}.jsonl").read_text().splitlines()]
-    e = next(e for e in index if e["name"] == "photos/a/img01.png")
+    e = next(e for e in _index(single) if e["name"] == "photos/a/img01.png")
     bw, bh = e["bucket"]
-    f = out / "a" / f"img01_{bw:04d}x{bh:04d}_sd.npz"
+    ow, oh = e["original_size"]
+    assert (bw, bh) != (ow, oh)  # the name is the original size, as sd-scripts looks it up, not the bucket
+    f = out / "a" / f"img01_{ow:04d}x{oh:04d}_sd.npz"
     npz = np.load(f)
     assert set(npz.files) == {"latents", "original_size", "crop_ltrb"}
     assert npz["latents"].dtype == np.float32 and npz["latents"].shape == (4, bh // 8, bw // 8)
-    assert npz["original_size"].tolist() == e["original_size"] and npz["crop_ltrb"].tolist() == e["crop_ltrb"]
+    assert npz["original_size"].tolist() == e["original_size"]
+    assert npz["crop_ltrb"].tolist() == list(kohya_crop_ltrb(tuple(e["bucket"]), tuple(e["original_size"])))
+    z = load_latents(single, e)
+    assert np.array_equal(npz["latents"], z.numpy())  # sd1: raw latents, as sd-scripts reads them
+    # sd3/flux caches key each resolution, as sd-scripts' multi-resolution strategies read them
+    assert main(["cache-export", str(single), "--to", "kohya", "--arch", "flux", "-o", str(tmp_path / "f")]) == 0
+    keyed = np.load(tmp_path / "f" / "a" / f"img01_{ow:04d}x{oh:04d}_flux.npz")
+    res = f"_{bh // 8}x{bw // 8}"
+    assert set(keyed.files) == {"latents" + res, "original_size" + res, "crop_ltrb" + res}
+    assert np.array_equal(keyed["latents" + res], npz["latents"])
 
 
 def test_flip_sample_and_musubi_export_of_a_video_vae_cache(tmp_path):
@@ -227,14 +256,14 @@ def test_flip_sample_and_musubi_export_of_a_video_vae_cache(tmp_path):
     clip = next(e for e in index if e["name"] == "clips/clip.mp4")
     assert clip["frames"] == 5 and clip["latent_shape"] == [16, 2, 8, 12]  # 7 frames trimmed to 1 + 4k
     with tarfile.open(out / "shard-000000.tar") as tar:
-        t = load(tar.extractfile(clip["key"] + ".safetensors").read())
+        t = load(tar.extractfile(clip["member"] + ".safetensors").read())
     assert set(t) == {"latents", "latents_flipped"} and not torch.equal(t["latents"], t["latents_flipped"])
     again = tmp_path / "again"
     assert _cache(*[a if a != out else again for a in args]).returncode == 0
     assert (again / "shard-000000.tar").read_bytes() == (out / "shard-000000.tar").read_bytes()  # seeded
     export = tmp_path / "musubi"
     assert main(["cache-export", str(out), "--to", "musubi", "-o", str(export)]) == 0
-    f = export / "clip_0096x0064_wan.safetensors"
+    f = export / "clip_00000-005_0096x0064_wan.safetensors"
     z = load_file(str(f))
     assert list(z) == ["latents_2x8x12_float32"] and z["latents_2x8x12_float32"].shape == (16, 2, 8, 12)
     from safetensors import safe_open
@@ -243,7 +272,7 @@ def test_flip_sample_and_musubi_export_of_a_video_vae_cache(tmp_path):
         meta = fh.metadata()
     assert meta == {"architecture": "wan", "width": "96", "height": "64", "format_version": "1.0.1",
                     "frame_count": "5"}
-    assert sorted(p.name for p in export.iterdir()) == ["clip_0096x0064_wan.safetensors",
+    assert sorted(p.name for p in export.iterdir()) == ["clip_00000-005_0096x0064_wan.safetensors",
                                                         "still0_0096x0064_wan.safetensors",
                                                         "still1_0096x0064_wan.safetensors"]
     code = main(["cache-export", str(out), "--to", "kohya", "-o", str(tmp_path / "k")])
@@ -296,3 +325,151 @@ def test_tar_shards_and_file_lists_are_inputs_and_outputs_never_overwrite_them(d
     listing.write_text("notes.doc\n")
     code = main(["cache", str(listing), "--vae", str(MINI_LDM), "-o", str(tmp_path / "x"), "--quiet"])
     assert code == 2 and "list.txt:1: 'notes.doc'; expected an image" in capsys.readouterr().err
+
+
+def _photos(folder: Path, n: int, seed: int) -> list[Path]:
+    from PIL import Image
+
+    photo = Image.open(ROOT / "tests" / "fixtures" / "sample.png").convert("RGB")
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        x, y = int(rng.integers(0, 400)), int(rng.integers(0, 400))
+        out.append(folder / f"img{i}.png")
+        photo.crop((x, y, x + 64 + 16 * (i % 3), y + 64)).save(out[-1])
+    return out
+
+
+def test_duplicates_renames_and_new_shard_sizes_reuse_latents(tmp_path):
+    """Two files with the same bytes are two items; a renamed file and a new shard size re-encode nothing; shards
+    the new layout no longer has are removed."""
+    import shutil
+
+    data = tmp_path / "photos"
+    files = _photos(data, 5, seed=1)
+    shutil.copy(files[0], data / "copy-of-img0.png")
+    out = tmp_path / "cache"
+    first = _cache(data, "--vae", MINI_LDM, "-o", out, *BUCKETS[:-1], "2")
+    assert first.returncode == 0, first.stderr
+    index = _index(out)
+    assert len(index) == 6 and all(e["status"] == "ok" for e in index) and len(list(out.glob("*.tar"))) == 3
+    dup = [e for e in index if e["name"] in ("photos/img0.png", "photos/copy-of-img0.png")]
+    assert dup[0]["key"] == dup[1]["key"] and dup[0]["member"] != dup[1]["member"]
+    files[3].rename(data / "renamed.png")
+    moved = _cache(data, "--vae", MINI_LDM, "-o", out, *BUCKETS[:-1], "3")
+    assert moved.returncode == 0, moved.stderr
+    assert _counts(moved) == {"encoded": 0, "reused": 6}
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.jsonl", "shard-000000.tar",
+                                                            "shard-000001.jsonl", "shard-000001.tar"]
+    assert "photos/renamed.png" in [e["name"] for e in _index(out)]
+    assert _cache("-o", out, "--verify").returncode == 0
+    exported = tmp_path / "kohya"
+    assert main(["cache-export", str(out), "--to", "kohya", "-o", str(exported)]) == 0
+    assert len(list(exported.glob("*.npz"))) == 6
+
+
+def test_inputs_inside_the_cache_folder_and_export_collisions_are_refused(tmp_path, capsys):
+    _photos(tmp_path / "x" / "photos", 2, seed=2)
+    _photos(tmp_path / "y" / "pics", 2, seed=3)  # the same file names, other pictures
+    code = main(["cache", str(tmp_path / "x" / "photos"), "--vae", str(MINI_LDM), "-o", str(tmp_path / "x"),
+                 "--quiet"])
+    assert code == 2 and "inside the cache folder" in capsys.readouterr().err
+    out = tmp_path / "cache"
+    assert main(["cache", str(tmp_path / "x" / "photos"), str(tmp_path / "y" / "pics"), "--vae", str(MINI_LDM),
+                 "-o", str(out), *BUCKETS, "--quiet"]) == 0
+    code = main(["cache-export", str(out), "--to", "kohya", "-o", str(tmp_path / "k")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'photos/img0.png'" in err and "'pics/img0.png'" in err and "would be exported to it" in err
+    assert not (tmp_path / "k").exists()
+    code = main(["cache", str(tmp_path / "y"), "--vae", str(MINI_LDM), "-o", str(tmp_path / "f"), "--frames", "0"])
+    assert code == 2 and "--frames 0; expected at least 1" in capsys.readouterr().err
+
+
+def test_stale_shards_foreign_manifests_and_recorded_failures_under_strict(tmp_path, capsys):
+    """Shards left by a run killed after it removed the manifest are removed by the next complete run (and reported
+    by --verify until then); a manifest.json this tool did not write is never replaced; --strict stops at a
+    failure the previous run recorded before anything changes."""
+    photos = tmp_path / "photos"
+    _photos(photos, 6, seed=4)
+    out = tmp_path / "cache"
+    base = ["--vae", str(MINI_LDM), "-o", str(out), *BUCKETS[:-2], "--quiet"]
+    assert main(["cache", str(photos), *base, "--shard-size", "1"]) == 0
+    stray = out / "shard-000009.tar"
+    stray.write_bytes((out / "shard-000000.tar").read_bytes())
+    assert main(["cache", "-o", str(out), "--verify"]) == 1
+    assert f"{stray}: not in the manifest" in capsys.readouterr().out
+    (out / "manifest.json").unlink()  # what a run killed after its start leaves, old shards included
+    assert main(["cache", str(photos), *base, "--shard-size", "3"]) == 0
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.jsonl", "shard-000000.tar",
+                                                            "shard-000001.jsonl", "shard-000001.tar"]
+    assert main(["cache", "-o", str(out), "--verify"]) == 0
+    capsys.readouterr()
+
+    (photos / "img5.png").write_bytes(b"not a png")
+    assert main(["cache", str(photos), *base, "--shard-size", "3"]) == 0  # recorded, not fatal
+    before = (out / "manifest.json").read_bytes()
+    assert main(["cache", str(photos), *base, "--shard-size", "3", "--strict"]) == 2
+    assert "recorded by an earlier run; the cache is unchanged" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"my": "project manifest"}')
+    assert main(["cache", str(photos), "--vae", str(MINI_LDM), "-o", str(foreign), "--quiet"]) == 2
+    assert "not replaced" in capsys.readouterr().err
+    assert (foreign / "manifest.json").read_text() == '{"my": "project manifest"}'
+
+
+def test_hand_edited_manifests_and_shards_missing_latents_are_refused_before_writing(single, tmp_path, capsys):
+    import shutil
+    import tarfile
+
+    cache = tmp_path / "c"
+    shutil.copytree(single, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for edit, field in ((lambda m: m["shards"].__setitem__(0, "shard-000000.tar"), "shards[0]"),
+                        (lambda m: m["settings"].pop("vae"), "settings"),
+                        (lambda m: m["settings"].__setitem__("latents", "other"), "settings.latents")):
+        m = json.loads(json.dumps(manifest))
+        edit(m)
+        (cache / "manifest.json").write_text(json.dumps(m))
+        for argv in (["cache", "-o", str(cache), "--verify"], ["cache-export", str(cache), "--to", "kohya", "-o",
+                                                               str(tmp_path / "k")]):
+            assert main(argv) == 2, argv
+            assert f"{field} is " in capsys.readouterr().err
+    # a shard without one of its items' latents (its sha256 fixed in the manifest): nothing is written
+    last = next(s for s in manifest["shards"] if s["ok"] >= 2)
+    tar = cache / last["tar"]
+    with tarfile.open(tar) as t:
+        kept = [(m, t.extractfile(m).read()) for m in t.getmembers()][:-2]
+    with tarfile.open(tar, "w") as t:
+        for m, data in kept:
+            t.addfile(m, io.BytesIO(data))
+    from vae_core.caching.shards import file_sha256
+    last["sha256"] = file_sha256(tar)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["cache-export", str(cache), "--to", "kohya", "-o", str(tmp_path / "k")]) == 2
+    assert "no latents for" in capsys.readouterr().err and not (tmp_path / "k").exists()
+
+
+def test_exif_rotated_photos_are_cached_upright_and_not_exported_to_kohya(tmp_path, capsys):
+    """A phone photo with EXIF orientation 6: cached upright (its recorded size is the upright one); sd-scripts
+    reads files unrotated, so its kohya export is skipped with the reason, never written under a wrong name."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    _photos(photos, 2, seed=5)
+    turned = Image.open(photos / "img0.png").convert("RGB").transpose(Image.Transpose.ROTATE_90)  # stored sideways
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned.save(photos / "phone.jpg", exif=exif.tobytes())
+    out = tmp_path / "cache"
+    assert main(["cache", str(photos), "--vae", str(MINI_LDM), "-o", str(out), *BUCKETS, "--quiet"]) == 0
+    e = next(e for e in _index(out) if e["name"].endswith("phone.jpg"))
+    assert e["exif_turned"] and e["original_size"] == [turned.height, turned.width]
+    assert not any(x.get("exif_turned") for x in _index(out) if x["name"] != e["name"])
+    assert main(["cache-export", str(out), "--to", "kohya", "-o", str(tmp_path / "k")]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 1 item(s)" in printed and "EXIF-rotated" in printed
+    assert sorted(p.name.split("_")[0] for p in (tmp_path / "k").rglob("*.npz")) == ["img0", "img1"]

@@ -1,9 +1,11 @@
 """Aspect-ratio buckets, as LoRA trainers use them (kohya's scheme): resolutions of about a target area, sides from
-``min_side`` to ``max_side`` in steps of ``step``; each image goes to the bucket of the nearest aspect ratio, is
-resized to cover it (Lanczos-like antialiased bicubic) and cropped to it, centred or at a seeded random offset.
+``min_side`` to ``max_side`` in steps of ``step``; each image goes to the bucket whose aspect ratio differs least from
+its own (kohya's choice, so an export's ``_WxH_`` is the bucket sd-scripts computes), is resized to cover it
+(antialiased bicubic; sizes rounded as kohya rounds them) and cropped to it, centred or at a seeded random offset.
 
-``crop_ltrb`` is (left, top, right, bottom) of the crop in the *resized* image, as kohya records it. An image with
-a side below the smallest bucket side is refused (not upscaled past what any bucket allows).
+The crop is recorded as ``crop_box`` (left, top, right, bottom in the *resized* image) with the ``resized`` size;
+the kohya exporter writes kohya's own ``crop_ltrb`` from the bucket and the original size. An image with a side
+below the smallest bucket side is refused (not upscaled past what any bucket allows).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import VaeInputError
 
-__all__ = ["BucketSpec", "buckets", "choose", "fit"]
+__all__ = ["BucketSpec", "buckets", "choose", "fit", "kohya_crop_ltrb"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ def buckets(spec: BucketSpec) -> list[tuple[int, int]]:
 
 
 def choose(spec: BucketSpec, width: int, height: int, name: str) -> tuple[int, int]:
-    """The bucket of the aspect ratio nearest ``width / height`` (on a log scale; ties: the larger area).
+    """The image's own size if it is a bucket, else the bucket whose aspect ratio differs least from
+    ``width / height`` (the first such in sorted order), as kohya's bucket manager chooses.
 
     Raises:
         VaeInputError: a side below ``spec.min_side`` (naming the item and its size).
@@ -70,8 +73,21 @@ def choose(spec: BucketSpec, width: int, height: int, name: str) -> tuple[int, i
     if width < spec.min_side or height < spec.min_side:
         raise VaeInputError(f"{name}: {width}x{height} px, below the smallest bucket side {spec.min_side}; expected "
                             "images at least that large (or a smaller --bucket-min-side)")
-    ar = math.log(width / height)
-    return min(buckets(spec), key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
+    table = buckets(spec)
+    if (width, height) in table:
+        return width, height
+    ar = width / height
+    return min(table, key=lambda b: abs(b[0] / b[1] - ar))
+
+
+def kohya_crop_ltrb(bucket: tuple[int, int], original: tuple[int, int]) -> tuple[int, int, int, int]:
+    """kohya's ``crop_ltrb`` for an image of ``original`` size in ``bucket``: the box the whole image would take,
+    fitted inside the bucket and centred (what sd-scripts records with its latents)."""
+    bw, bh = bucket
+    ar = original[0] / original[1]
+    rw, rh = (bh * ar, bh) if bw / bh > ar else (bw, bw / ar)
+    left, top = (bw - rw) // 2, (bh - rh) // 2
+    return int(left), int(top), int(left + rw), int(top + rh)
 
 
 def _offset(spec: BucketSpec, key: str, span: int, axis: str) -> int:
@@ -82,23 +98,23 @@ def _offset(spec: BucketSpec, key: str, span: int, axis: str) -> int:
 
 
 def fit(x: torch.Tensor, bucket: tuple[int, int], spec: Optional[BucketSpec], key: str
-        ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        ) -> tuple[torch.Tensor, tuple[int, int, int, int], tuple[int, int]]:
     """Resize ``x`` (``[..., H, W]`` in [-1, 1], frames on the leading axes) to cover ``bucket`` and crop to it.
 
     Returns:
-        ``(pixels [..., bucket_h, bucket_w], crop_ltrb)``.
+        ``(pixels [..., bucket_h, bucket_w], crop box (l, t, r, b) in the resized image, resized (w, h))``.
     """
     bw, bh = bucket
     h, w = x.shape[-2:]
     if spec is None:  # no buckets: crop to the bucket (the image floored to the VAE's multiple), no resize
         rw, rh, y = w, h, x
     else:
-        scale = max(bw / w, bh / h)
-        rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+        scale = bh / h if w / h > bw / bh else bw / w  # cover the bucket, as kohya scales
+        rw, rh = max(bw, int(w * scale + 0.5)), max(bh, int(h * scale + 0.5))
         lead = x.shape[:-3]
         flat = x.reshape(-1, *x.shape[-3:])
         y = F.interpolate(flat, size=(rh, rw), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
         y = y.reshape(*lead, *y.shape[-3:])
     left = _offset(spec or BucketSpec(), key, rw - bw, "x")
     top = _offset(spec or BucketSpec(), key, rh - bh, "y")
-    return y[..., top:top + bh, left:left + bw].contiguous(), (left, top, left + bw, top + bh)
+    return y[..., top:top + bh, left:left + bw].contiguous(), (left, top, left + bw, top + bh), (rw, rh)

@@ -2,17 +2,21 @@
 
 Scale-out is torch.distributed's environment contract: under ``torchrun`` (or ``accelerate launch``) each process
 reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``, takes ``cuda:LOCAL_RANK`` (or the CPU), and joins a process group
-(NCCL on GPUs, gloo on CPU) only for the final barrier. There is no coordinator: items are ordered by name
+(NCCL on GPUs, gloo on CPU) only for its two barriers (after rank 0 removed the old manifest, and at the end). There
+is no coordinator: items are ordered by name
 (:mod:`.sources`), grouped into shards of ``shard_size`` in that order, and rank ``r`` takes the shards whose index
 is ``r`` modulo the world size; after the barrier rank 0 writes the manifest from the shards' indexes. So a run on
 one process and on N processes write the same shards, bit for bit.
 
-Every item gets a *key*: the sha256 of its source bytes' sha256 and of the settings that shape its latent (the
-VAE's sha256, family, scaling, raw/scaled, mean/sample and seed, dtypes, the bucket, crop and flip, and the tile and
-mode only where the tile is smaller than the item: elsewhere the call is untiled). A shard whose index lists the
-keys the current settings give is done and skipped; otherwise it is rebuilt, reusing the latents of every key its
-old tar holds and encoding only the rest. So a re-run with the same settings does nothing, a changed tile re-encodes
-only the items it tiles, and a killed run (any rank, SIGKILL) loses at most the shards it was writing.
+Every item gets a *key*: the sha256 of its source bytes' sha256 and of what shapes its latent (the VAE's sha256,
+family and scaling, raw/scaled, mean/sample (the seed where it matters: samples, random crops), the dtypes, crop and
+flip, the item's bucket and frames, and the tile and mode only where the tile is smaller than the item: elsewhere
+the call is untiled). A shard whose index lists the names and keys the current settings give is done and skipped;
+otherwise it is rebuilt, reusing the latents of every key any complete old shard holds and encoding only the rest.
+So a re-run with the same settings does nothing, a changed tile re-encodes only the items it tiles, a changed shard
+size or an added image re-encodes nothing else, and a killed run (any rank, SIGKILL) loses at most the shards in
+flight. The old manifest is removed before any shard is rewritten, so a manifest always describes the shards beside
+it.
 
 Bad items (unreadable, truncated, decompression bombs, below the smallest bucket, NaN even after the guard's
 retries) are recorded in their shard's index and the manifest with the reason and counted, never dropped or
@@ -34,8 +38,9 @@ import torch
 
 from ..errors import VaeError, VaeInputError
 from .buckets import BucketSpec, choose, fit
-from .shards import read_index, read_members, remove_temporaries, write_manifest, write_shard
-from .sources import Item, decode, find_items, image_size, read_bytes
+from .shards import (FORMAT, MANIFEST, listed_files, member_stem, read_index, read_manifest, read_members,
+                     remove_leftovers, remove_temporaries, shard_files, shard_number, write_manifest, write_shard)
+from .sources import Item, decode, exif_turned, find_items, image_size, read_bytes
 
 __all__ = ["CacheSettings", "DistEnv", "Summary", "run_cache", "dist_env", "item_key"]
 
@@ -128,22 +133,42 @@ def weights_sha256(vae: Any) -> str:
     return file_sha256(path) if path.is_file() else hashlib.sha256(str(path).encode()).hexdigest()
 
 
+#: the layout of what an item's key covers; bump when what vae_core writes for the same key changes
+KEY_VERSION = 1
+
+
 def run_settings(vae: Any, settings: CacheSettings) -> dict[str, Any]:
-    """The run's provenance record (the manifest's ``settings``; every item's key includes it)."""
+    """The run's provenance record (the manifest's ``settings``)."""
     info = vae.info
     record = {"vae": {"sha256": weights_sha256(vae), "file": Path(info.weights_file or info.path).name,
                       "family": info.family, "network": vae.family.name, "scaling_factor": info.scaling_factor,
                       "shift_factor": info.shift_factor, "latent_channels": info.latent_channels,
-                      "downscale": vae.model.config.downscale}}
+                      "downscale": vae.model.config.downscale}, "key_version": KEY_VERSION}
     record |= {k: v for k, v in asdict(settings).items() if k not in ("shard_size", "buckets")}
     record["buckets"] = None if settings.buckets is None else asdict(settings.buckets)
     return record
 
 
+def key_settings(run: dict[str, Any]) -> dict[str, Any]:
+    """What of the run shapes an item's latents (the key's part; the rest, e.g. the VAE's file name, the bucket
+    table or ``--frames``, reaches the key through the item's own facts or not at all)."""
+    v = run["vae"]
+    out = {"vae": {k: v[k] for k in ("sha256", "family", "scaling_factor", "shift_factor")},
+           "key_version": run["key_version"], "latents": run["latents"], "posterior": run["posterior"],
+           "dtype": run["dtype"], "store_dtype": run["store_dtype"], "flip": run["flip"],
+           "tile": run["tile"], "mode": run["mode"]}
+    buckets = run["buckets"]
+    random_crop = buckets is not None and buckets["crop"] == "random"
+    if run["posterior"] == "sample" or random_crop:
+        out["seed"] = run["seed"]
+    out["crop"] = None if buckets is None else buckets["crop"]
+    return out
+
+
 def item_key(source_sha256: str, run: dict[str, Any], per_item: dict[str, Any]) -> str:
-    """sha256 of the source bytes' sha256, the run's settings (without tile and mode unless ``per_item`` says the
-    item is tiled) and the item's own ``per_item`` facts (bucket, frames)."""
-    settings = {k: v for k, v in run.items() if k not in ("tile", "mode") or per_item.get("tiled")}
+    """sha256 of the source bytes' sha256, what of the run shapes the latents (:func:`key_settings`; the tile and
+    mode only where ``per_item`` says the item is tiled) and the item's own facts (bucket, resize, frames)."""
+    settings = {k: v for k, v in key_settings(run).items() if k not in ("tile", "mode") or per_item.get("tiled")}
     text = json.dumps({"source": source_sha256, "settings": settings, "item": per_item}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -153,18 +178,24 @@ class _Planned:
     """An item with what its key needs, or the reason it failed before encoding."""
 
     item: Item
-    data: bytes = b""
     key: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
     failure: Optional[str] = None
 
 
+def _multiple(vae: Any, settings: CacheSettings) -> int:
+    """The side multiple every item must have: the VAE's downscale, twice it where scaled latents are patchified
+    2×2 (Flux.2)."""
+    f = vae.model.config.downscale
+    return 2 * f if settings.latents == "scaled" and vae.family.patched_latents(vae.model) else f
+
+
 def _plan(item: Item, vae: Any, settings: CacheSettings, run: dict[str, Any]) -> _Planned:
     p = _Planned(item)
     try:
-        p.data = read_bytes(item)
-        w, h = image_size(item, p.data)
-        f = vae.model.config.downscale
+        data = read_bytes(item)
+        w, h = image_size(item, data)
+        f = _multiple(vae, settings)
         if settings.buckets is None:
             if w < f or h < f:
                 raise VaeInputError(f"{item.name}: {w}x{h} px; expected sides of at least {f} px")
@@ -172,11 +203,16 @@ def _plan(item: Item, vae: Any, settings: CacheSettings, run: dict[str, Any]) ->
         else:
             bucket = choose(settings.buckets, w, h, item.name)
         tiled = settings.tile is not None and settings.tile < max(bucket)
-        p.facts = {"bucket": list(bucket), "original_size": [w, h], "tiled": tiled}
+        p.facts = {"bucket": list(bucket), "original_size": [w, h], "tiled": tiled,
+                   "resize": settings.buckets is not None}
+        if item.video:
+            p.facts["frames_limit"] = settings.frames
+        if exif_turned(item, data):  # only then: the keys of all other items stay as they were
+            p.facts["exif_turned"] = True
     except VaeInputError as exc:
         p.failure = str(exc)
         return p
-    p.key = item_key(hashlib.sha256(p.data).hexdigest(), run, p.facts)
+    p.key = item_key(hashlib.sha256(data).hexdigest(), run, p.facts)
     return p
 
 
@@ -190,24 +226,26 @@ def _encode(vae: Any, x: torch.Tensor, settings: CacheSettings, p: _Planned, fli
         z = vae.encode(x, tile=tile, mode=settings.mode)
     else:
         mean, logvar = vae.posterior(x, tile=tile, mode=settings.mode)
-        g = torch.Generator().manual_seed(_eps_seed(settings.seed, p.key, flipped))
-        eps = torch.randn(mean.shape, generator=g, dtype=torch.float32)
+        g = torch.Generator().manual_seed(_eps_seed(settings.seed, p.key, flipped))  # on the CPU: any device, same ε
+        eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(mean.device)
         z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
     if settings.latents == "scaled":
         z = vae.scale_latents(z)
-    if not bool(torch.isfinite(z).all()):
-        raise VaeError(f"{p.item.name}: latents hold NaN/inf after the NaN guard's retries")
-    return z[0]
+    return z[0].cpu()
 
 
 def _encode_item(vae: Any, settings: CacheSettings, p: _Planned) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Encode one planned item → (its record, its tar members)."""
+    """Encode one planned item → (its record, its tar members). The NaN guard starts from the compute dtype for
+    every item (a retry in a wider dtype is recorded in ``ran_as``, never carried to the next item)."""
     from safetensors.torch import save as save_bytes
 
+    from ..lab.measure import dtype_name
     from ..precision.dtypes import DTYPES
 
-    x = decode(p.item, p.data)
-    record = {"name": p.item.name, "key": p.key, **{k: v for k, v in p.facts.items() if k != "tiled"}}
+    x = decode(p.item, read_bytes(p.item))
+    content: dict[str, Any] = {"key": p.key, "bucket": p.facts["bucket"], "original_size": p.facts["original_size"]}
+    if p.facts.get("exif_turned"):
+        content["exif_turned"] = True
     if x.dim() == 5:
         if not vae.family.video:
             raise VaeInputError(f"{p.item.name}: a video, but {vae.family.label} takes images only")
@@ -215,17 +253,27 @@ def _encode_item(vae: Any, settings: CacheSettings, p: _Planned) -> tuple[dict[s
         frames = x.shape[2] if settings.frames is None else min(settings.frames, x.shape[2])
         used = 1 + (frames - 1) // ft * ft
         x = x[:, :, :used]
-        record["frames"] = used
-    pixels, crop = fit(x, tuple(p.facts["bucket"]), settings.buckets, p.key)
-    record["crop_ltrb"] = list(crop)
+        content["frames"] = used
+    pixels, crop, resized = fit(x, tuple(p.facts["bucket"]), settings.buckets, p.key)
+    content |= {"crop_box": list(crop), "resized": list(resized), "flipped": settings.flip}
     store = DTYPES[settings.store_dtype]
-    tensors = {"latents": _encode(vae, pixels, settings, p, False).to(store).contiguous()}
-    if settings.flip:
-        tensors["latents_flipped"] = _encode(vae, pixels.flip(-1), settings, p, True).to(store).contiguous()
-    record["latent_shape"] = list(tensors["latents"].shape)
-    text = json.dumps(record, sort_keys=True)
-    return record, {".safetensors": save_bytes(tensors, metadata={"vae_pack.item": text}),
-                    ".json": text.encode()}
+    used_dtypes = []
+    tensors = {}
+    for name, px, flipped in (("latents", pixels, False), ("latents_flipped", pixels.flip(-1), True)):
+        if flipped and not settings.flip:
+            continue
+        vae.guard.working_dtype = None
+        z = _encode(vae, px, settings, p, flipped).to(store).contiguous()
+        used_dtypes.append(dtype_name(vae.guard.working_dtype or vae.dtype))
+        if not bool(torch.isfinite(z.float()).all()):
+            raise VaeError(f"{p.item.name}: latents hold NaN/inf (after the NaN guard's retries, as "
+                           f"{settings.store_dtype})")
+        tensors[name] = z
+    content |= {"latent_shape": list(tensors["latents"].shape), "ran_as": "/".join(dict.fromkeys(used_dtypes))}
+    meta = json.dumps(content, sort_keys=True)
+    record = {"name": p.item.name, "rel": p.item.rel, "member": member_stem(p.item.name, p.key), **content}
+    return record, {".safetensors": save_bytes(tensors, metadata={"vae_pack.item": meta}),
+                    ".json": json.dumps(record, sort_keys=True).encode()}
 
 
 class _Progress:
@@ -268,32 +316,118 @@ def _kill_hook(env: DistEnv) -> Optional[int]:
     return int(n) if int(rank) == env.rank else None
 
 
+class _Reuse:
+    """The latents an earlier run left, by key (from every complete shard index found at the start), read from
+    their tars on demand (a shard another rank has rewritten since may lack them: then the item is encoded)."""
+
+    def __init__(self, out: Path, shards: Sequence[int]) -> None:
+        self.out, self.where = out, {}
+        self.loaded: dict[int, dict[str, dict[str, bytes]]] = {}
+        for i in shards:
+            for e in read_index(out, i) or []:
+                if e.get("status") == "ok" and "member" in e:
+                    self.where.setdefault(e["key"], (i, e["member"]))
+
+    def get(self, key: str) -> Optional[bytes]:
+        found = self.where.get(key)
+        if found is None:
+            return None
+        shard, stem = found
+        if shard not in self.loaded:
+            if len(self.loaded) >= 2:  # a shard's latents at a time or two, not the whole cache
+                self.loaded.pop(next(iter(self.loaded)))
+            self.loaded[shard] = read_members(self.out, shard)
+        member = self.loaded[shard].get(stem, {})
+        return member.get(".safetensors")
+
+
+def _reused(p: _Planned, data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """An earlier run's latents for this key, with this item's name (the latents' own record holds no name)."""
+    content = json.loads(_metadata(data)["vae_pack.item"])
+    record = {"name": p.item.name, "rel": p.item.rel, "member": member_stem(p.item.name, p.key), **content}
+    return record, {".safetensors": data, ".json": json.dumps(record, sort_keys=True).encode()}
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
+def _check_previous(out: Path, items: list[Item], vae: Any, settings: CacheSettings, run: dict[str, Any],
+                    strict: bool) -> None:
+    """Before anything in ``out`` changes: a ``manifest.json`` there that this tool did not write is refused, not
+    replaced; with ``strict``, a failure the previous run recorded that would recur (its item unchanged, or failing
+    again before encoding) stops the run here, leaving the cache as it was.
+
+    Raises:
+        VaeInputError: naming the manifest, or the recorded failure.
+    """
+    if not (out / MANIFEST).exists():
+        return
+    try:
+        manifest = read_manifest(out)
+    except VaeInputError as exc:
+        if _format_of(out / MANIFEST) == FORMAT:
+            return  # ours, of another version or edited by hand: rebuilt from the shards' keys
+        raise VaeInputError(f"{exc} — not replaced: move it away, or give an empty folder or one of this tool's "
+                            "caches as -o") from None
+    if not strict:
+        return
+    recorded = {f["name"]: f for f in manifest.get("failures", []) if isinstance(f, dict) and "name" in f}
+    for item in items:
+        if item.name not in recorded:
+            continue
+        p = _plan(item, vae, settings, run)
+        number = shard_number(str(recorded[item.name].get("tar", "")))
+        old = next((e for e in (read_index(out, number) if number is not None else None) or []
+                    if e.get("name") == item.name), {})
+        if p.failure or p.key == old.get("key"):
+            raise VaeInputError(f"{p.failure or old.get('reason')} (--strict: stopped at the first bad item, recorded "
+                                "by an earlier run; the cache is unchanged)")
+
+
+def _format_of(path: Path) -> object:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
 def _do_shard(out: Path, index: int, items: list[Item], vae: Any, settings: CacheSettings, run: dict[str, Any],
-              summary: Summary, strict: bool, progress: _Progress, kill_after: Optional[int]) -> None:
+              summary: Summary, strict: bool, progress: _Progress, kill_after: Optional[int], reuse: _Reuse) -> None:
     planned = [_plan(item, vae, settings, run) for item in items]
     done = read_index(out, index)
-    expected = [(p.item.name, p.key) for p in planned]
-    if done is not None and [(e["name"], e["key"]) for e in done] == expected:
+    if done is not None and [(e.get("name"), e.get("key")) for e in done] == [(p.item.name, p.key) for p in planned]:
+        if strict:
+            bad = [e for e in done if e.get("status") != "ok"]
+            if bad:
+                raise VaeInputError(f"{bad[0]['reason']} (recorded by an earlier run; --strict: stopped at the first "
+                                    "bad item)")
         summary.skipped += 1
         summary.items += len(items)
         progress.step(len(items))
         return
-    old = read_members(out, index)
     entries: list[dict[str, Any]] = []
     members: dict[str, dict[str, bytes]] = {}
     for p in planned:
         summary.items += 1
-        if p.failure is None and p.key in old and set(old[p.key]) == {".safetensors", ".json"}:
-            members[p.key] = old[p.key]
-            entries.append({"status": "ok", **json.loads(old[p.key][".json"])})
+        old = reuse.get(p.key) if p.failure is None else None
+        if old is not None:
+            record, found = _reused(p, old)
+            members[record["member"]] = found
+            entries.append({"status": "ok", **record})
             summary.reused += 1
         elif p.failure is None:
             try:
-                record, members[p.key] = _encode_item(vae, settings, p)
+                record, members[member_stem(p.item.name, p.key)] = _encode_item(vae, settings, p)
                 entries.append({"status": "ok", **record})
                 summary.encoded += 1
-            except (VaeError, ValueError) as exc:  # VaeInputError/VaeLoadError are ValueErrors; NaN: VaeError
-                p.failure = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a bad item (any error but an interrupt) is recorded
+                log.debug("%s failed", p.item.name, exc_info=True)
+                p.failure = str(exc) if isinstance(exc, (VaeError, ValueError)) else f"{p.item.name}: " \
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if kill_after is not None and summary.encoded >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         if p.failure is not None:
@@ -316,10 +450,15 @@ def run_cache(data: Sequence[os.PathLike | str], out: os.PathLike | str, vae: An
     Raises:
         VaeInputError: bad settings or DATA (before any work), or a bad item with ``strict``.
     """
+    from ..precision.dtypes import DTYPES
+
     env = env or DistEnv()
     settings.check()
+    if vae.dtype != DTYPES[settings.dtype]:
+        raise VaeInputError(f"a VAE loaded in {vae.dtype} for dtype={settings.dtype!r}; expected it loaded in that "
+                            "dtype (the cache records it)")
     if settings.buckets is not None:
-        settings.buckets.check(vae.model.config.downscale)
+        settings.buckets.check(_multiple(vae, settings))
     out = Path(out)
     start = time.time()
     items = find_items(data)
@@ -328,44 +467,72 @@ def run_cache(data: Sequence[os.PathLike | str], out: os.PathLike | str, vae: An
     shards = [items[i:i + n] for i in range(0, len(items), n)]
     mine = [i for i in range(len(shards)) if i % env.world == env.rank]
     out.mkdir(parents=True, exist_ok=True)
+    _check_previous(out, items, vae, settings, run, strict)
+    group = _join(env, vae.device)
+    listed = listed_files(out)  # every rank reads it before rank 0 removes it (the start barrier)
+    found = {n for n in (shard_number(f) for f in [*listed, *shard_files(out)]) if n is not None}
+    reuse = _Reuse(out, sorted(found | set(range(len(shards)))))
+    if group is not None:
+        group.barrier()
+    if env.rank == 0:  # from now on the cache is being rewritten: no manifest may describe it
+        (out / MANIFEST).unlink(missing_ok=True)
+    if group is not None:
+        group.barrier()
     remove_temporaries(out, mine)
     summary = Summary()
     tracker = _Progress(out, env, len(items), progress)
     kill_after = _kill_hook(env)
-    group = _join(env)
     try:
         for i in mine:
-            _do_shard(out, i, shards[i], vae, settings, run, summary, strict, tracker, kill_after)
+            _do_shard(out, i, shards[i], vae, settings, run, summary, strict, tracker, kill_after, reuse)
         tracker.step(0, force=True)
         if group is not None:
             group.barrier()
         if env.rank == 0:
-            for stale in sorted(out.glob("shard-*.tar")) + sorted(out.glob("shard-*.jsonl")):
-                if int(stale.name[6:12]) >= len(shards):  # a bigger earlier run's shards: not in this cache
-                    stale.unlink()
             summary.manifest = write_manifest(out, run, len(shards))
+            remove_leftovers(out, listed, len(shards))
     finally:
         tracker.close()
-        if group is not None and group.is_initialized():
-            group.destroy_process_group()
+        if group is not None:
+            group.close()
     summary.seconds = time.time() - start
     return summary
 
 
-#: how long a rank waits at the final barrier for the slowest (shards can be unevenly slow: days, not minutes)
+#: how long a rank waits at a barrier for the slowest (shards can be unevenly slow: days, not minutes)
 BARRIER_TIMEOUT_S = 7 * 24 * 3600
 
 
-def _join(env: DistEnv) -> Any:
-    """Join the process group (NCCL on GPUs, gloo otherwise; torchrun's ``MASTER_ADDR``/``MASTER_PORT``), used
-    only for the final barrier; None for one process."""
-    if env.world == 1:
-        return None
-    import datetime
+class _Group:
+    """The process group of a distributed run, for its barriers: NCCL where this rank runs on a GPU (its own,
+    ``cuda:LOCAL_RANK``), gloo on the CPU; joined over torchrun's ``MASTER_ADDR``/``MASTER_PORT``. A group the
+    caller already made is used and left alone."""
 
-    import torch.distributed as dist
+    def __init__(self, env: DistEnv, device: torch.device) -> None:
+        import datetime
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=BARRIER_TIMEOUT_S))
-    return dist
+        import torch.distributed as dist
+
+        self.dist, self.own, self.device_ids = dist, not dist.is_initialized(), None
+        if self.own:
+            nccl = device.type == "cuda" and dist.is_nccl_available()
+            if nccl:
+                torch.cuda.set_device(device)
+                self.device_ids = [device.index if device.index is not None else env.local_rank]
+            dist.init_process_group(backend="nccl" if nccl else "gloo",
+                                    timeout=datetime.timedelta(seconds=BARRIER_TIMEOUT_S))
+
+    def barrier(self) -> None:
+        if self.device_ids is not None:
+            self.dist.barrier(device_ids=self.device_ids)
+        else:
+            self.dist.barrier()
+
+    def close(self) -> None:
+        if self.own and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def _join(env: DistEnv, device: torch.device) -> Optional[_Group]:
+    """The run's process group (see :class:`_Group`), or None for one process."""
+    return None if env.world == 1 else _Group(env, device)

@@ -33,12 +33,14 @@ MAX_ITEMS = 50_000_000
 @dataclass(frozen=True)
 class Item:
     """One dataset item: ``name`` (stable, unique), the ``path`` it is read from and, for a tar shard, the
-    ``member``; ``video`` for video files."""
+    ``member``; ``video`` for video files; ``rel`` its path inside its source (folder-relative path, the list's
+    entry, the tar member), where exporters put its files."""
 
     name: str
     path: Path
     member: Optional[str] = None
     video: bool = False
+    rel: str = ""
 
 
 def _kind(name: str) -> Optional[str]:
@@ -51,20 +53,29 @@ def _kind(name: str) -> Optional[str]:
 
 
 def _from_folder(folder: Path) -> list[Item]:
+    def unreadable(exc: OSError) -> None:
+        raise VaeInputError(f"{exc.filename}: a folder that cannot be read ({exc.strerror}); expected every folder "
+                            f"of {folder} readable")
+
     out = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs.sort()
         for f in sorted(files):
             kind = _kind(f)
             if kind is not None and not f.startswith("."):
-                p = Path(root) / f
-                out.append(Item(f"{folder.name}/{p.relative_to(folder).as_posix()}", p, video=kind == "video"))
+                rel = (Path(root) / f).relative_to(folder).as_posix()
+                out.append(Item(f"{folder.resolve().name}/{rel}", Path(root) / f, video=kind == "video", rel=rel))
     return out
 
 
 def _from_list(listing: Path) -> list[Item]:
     out = []
-    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = listing.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise VaeInputError(f"{listing}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a file list, "
+                            "one path per line, in UTF-8") from None
+    for number, line in enumerate(text.splitlines(), 1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
@@ -73,7 +84,7 @@ def _from_list(listing: Path) -> list[Item]:
         if kind is None:
             raise VaeInputError(f"{listing}:{number}: {entry!r}; expected an image ({', '.join(IMAGE_SUFFIXES)}) or "
                                 f"video ({', '.join(sorted(VIDEO_SUFFIXES))}) path")
-        out.append(Item(Path(entry).as_posix(), p, video=kind == "video"))
+        out.append(Item(Path(entry).as_posix(), p, video=kind == "video", rel=Path(entry).as_posix()))
     return out
 
 
@@ -83,7 +94,7 @@ def _from_tar(shard: Path) -> list[Item]:
             members = [m.name for m in tar.getmembers() if m.isfile()]
     except (tarfile.TarError, OSError) as exc:
         raise VaeInputError(f"{shard}: not a readable tar shard ({exc}); expected a webdataset-style .tar") from exc
-    return [Item(f"{shard.name}/{m}", shard, member=m) for m in sorted(members) if _kind(m) == "image"]
+    return [Item(f"{shard.name}/{m}", shard, member=m, rel=m) for m in sorted(members) if _kind(m) == "image"]
 
 
 def find_items(data: Sequence[os.PathLike | str]) -> list[Item]:
@@ -96,8 +107,12 @@ def find_items(data: Sequence[os.PathLike | str]) -> list[Item]:
     if not data:
         raise VaeInputError("no DATA given; expected image/video folders, file lists (.txt) or tar shards")
     items: list[Item] = []
+    seen: set[Path] = set()
     for given in data:
         p = Path(given)
+        if p.resolve() in seen:  # the same DATA given twice: once
+            continue
+        seen.add(p.resolve())
         if p.is_dir():
             items += _from_folder(p)
         elif p.suffix.lower() == ".txt" and p.is_file():
@@ -105,7 +120,7 @@ def find_items(data: Sequence[os.PathLike | str]) -> list[Item]:
         elif p.suffix.lower() == ".tar" and p.is_file():
             items += _from_tar(p)
         elif p.is_file() and _kind(p.name) is not None:
-            items.append(Item(p.name, p, video=_kind(p.name) == "video"))
+            items.append(Item(p.name, p, video=_kind(p.name) == "video", rel=p.name))
         elif p.exists():
             raise VaeInputError(f"{p}: not a folder, file list (.txt), tar shard (.tar), image or video file")
         else:
@@ -164,6 +179,22 @@ def decode(item: Item, data: bytes) -> torch.Tensor:
     if item.video:
         return load_video(item.path)[0]
     return load_image_bytes(data, item.name)
+
+
+def exif_turned(item: Item, data: bytes) -> bool:
+    """Whether an image's EXIF orientation turns it by 90° (5-8): its pixels are cached upright, so its stored
+    width and height are swapped against the upright size (False for videos and unreadable headers)."""
+    if item.video:
+        return False
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - image_size/decode report unreadable files
+        return False
 
 
 def image_size(item: Item, data: bytes) -> tuple[int, int]:

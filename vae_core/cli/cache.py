@@ -27,8 +27,10 @@ def _settings(args: argparse.Namespace) -> Any:
     from ..caching.run import CacheSettings
 
     if args.tile == "auto":
-        raise VaeInputError("--tile auto: a cache records its tile (it is part of every item's key); expected 'none' "
-                            "or an integer ≥ 64 (image px)")
+        raise VaeInputError("--tile auto (or 0): a cache records its tile (it is part of every item's key); expected "
+                            "'none' or an integer ≥ 64 (image px)")
+    if args.frames is not None and args.frames < 1:
+        raise VaeInputError(f"--frames {args.frames}; expected at least 1 (frames of each video to cache)")
     buckets = None if args.no_buckets else BucketSpec(args.resolution, args.bucket_min_side, args.bucket_max_side,
                                                       args.bucket_step, args.crop, args.seed)
     return CacheSettings(latents=args.latents, posterior=args.posterior, seed=args.seed, dtype=args.dtype,
@@ -41,6 +43,16 @@ def _bar(done: int, total: int, rate: float) -> None:
     filled = width * done // max(total, 1)
     print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} items, {rate:.2f} items/s", end="",
           file=sys.stderr, flush=True)
+
+
+def _check_inputs_outside(out: Path, inputs: list[str]) -> None:
+    """Refuse inputs inside the cache folder: a cache run deletes shard files there that it no longer lists."""
+    root = out.resolve()
+    for given in inputs:
+        p = Path(given).resolve()
+        if p == root or root in p.parents:
+            raise VaeInputError(f"{given}: inside the cache folder {out}; expected inputs outside it (a cache run "
+                                "rewrites and removes the files in its folder)")
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -62,6 +74,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     settings = _settings(args)
     check_writable_target(out, folder_ok=True)
     check_not_input(out, [*args.data, args.vae])
+    _check_inputs_outside(out, [*args.data, args.vae])
     device = args.device
     if device == "auto":
         device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -90,6 +103,10 @@ def cmd_cache_export(args: argparse.Namespace) -> int:
 
     files = export_cache(Path(args.cache), Path(args.output), args.to, args.arch)
     print(f"wrote {len(files)} {args.to} files under {args.output}")
+    if files.skipped:
+        print(f"skipped {len(files.skipped)} item(s) (not encoded, or not exportable to {args.to}):")
+        for f in files.skipped[:10]:
+            print(f"  {f['name']}: {f['reason']}")
     return 0
 
 
