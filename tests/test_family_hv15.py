@@ -13,10 +13,11 @@ from safetensors.torch import load_file, save_file
 
 import vae_core
 from vae_core.families.hv15.blocks import CausalConv3d
-from vae_core.tiling import TileOptions, TileReport
+from vae_core.tiling import TileOptions
 from vae_core.tiling.halo import Local
 from vae_core.tiling.stream import run_segments
-from video_checks import check_fp16_fix, peak_in_subprocess, per_frame_error, reset_every_chunk
+from video_checks import (check_fp16_fix, check_tiled_vs_float64, peak_in_subprocess, per_frame_error,
+                          reset_every_chunk)
 
 WIDTHS = (8, 16, 32, 64, 64)
 
@@ -109,15 +110,8 @@ def test_tiled_equals_untiled_in_space_and_time(hv, kind, schedule, cache_bytes)
     vae = vae_core.load_vae(paths["original-file"])
     t = (torch.randn(1, 4, 2, 9, 10, generator=torch.Generator().manual_seed(2)) if kind == "decode"
          else _video(5, 9, 10))
-    with torch.no_grad():
-        exact = getattr(copy.deepcopy(vae.model).double(), kind)(t.double())
-        untiled = getattr(vae, kind)(t)
-        report = TileReport()
-        tiled = getattr(vae, kind)(t, tile=64, report=report, cache_bytes=cache_bytes)
-    assert report.schedule == schedule and report.tiles >= 4
-    e_un, e_tiled = per_frame_error(untiled, exact), per_frame_error(tiled, exact)
-    assert e_tiled.numel() == (5 if kind == "decode" else 2)
-    assert bool((e_tiled <= 2 * e_un + 1e-6).all()), (e_tiled, e_un)
+    check_tiled_vs_float64(vae, copy.deepcopy(vae.model).double(), kind, t, schedule, cache_bytes,
+                           5 if kind == "decode" else 2)
 
 
 _ResetEveryChunk = reset_every_chunk(CausalConv3d)

@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vae_core
-from vae_core.tiling import TileOptions, TileReport
+from vae_core.tiling import TileOptions
 from vae_core.families.wan.blocks import CausalConv3d
 from vae_core.tiling.halo import Local
 from vae_core.tiling.stream import run_segments
-from video_checks import check_fp16_fix, peak_in_subprocess, per_frame_error, reset_every_chunk
+from video_checks import (check_fp16_fix, check_tiled_vs_float64, peak_in_subprocess, per_frame_error,
+                          reset_every_chunk)
 
 VERSIONS = ("2.1", "2.2")
 
@@ -120,16 +121,8 @@ def test_tiled_equals_untiled_in_space_and_time(wan, kind, schedule, cache_bytes
         t = torch.randn(1, ref.config.z_dim, 3, 9, 10, generator=torch.Generator().manual_seed(2))
     else:
         t = _video(vae, 9, 9, 10)
-    model64 = vae.clone().model.double()
-    with torch.no_grad():
-        exact = getattr(model64, kind)(t.double())
-        untiled = getattr(vae, kind)(t)
-        report = TileReport()
-        tiled = getattr(vae, kind)(t, tile=64, report=report, cache_bytes=cache_bytes)
-    assert report.schedule == schedule and report.tiles >= 4
-    e_un, e_tiled = per_frame_error(untiled, exact), per_frame_error(tiled, exact)
-    assert e_tiled.numel() == (9 if kind == "decode" else 3)
-    assert bool((e_tiled <= 2 * e_un + 1e-6).all()), (e_tiled, e_un)
+    check_tiled_vs_float64(vae, vae.clone().model.double(), kind, t, schedule, cache_bytes,
+                           9 if kind == "decode" else 3)
 
 
 def _plan_error(vae: vae_core.Vae, kind: str, t: torch.Tensor, want: torch.Tensor, **kw) -> torch.Tensor:

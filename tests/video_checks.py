@@ -20,6 +20,23 @@ def per_frame_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() - b.double()).abs().amax(dim=(0, 1, 3, 4))
 
 
+def check_tiled_vs_float64(vae: "vae_core.Vae", model64: torch.nn.Module, kind: str, t: torch.Tensor,
+                           schedule: str, cache_bytes: object, frames: int) -> None:
+    """Tiled ``kind`` ("encode"/"decode") of ``t`` in ``schedule`` is, frame by frame, no further from the float64
+    run of ``model64`` than the untiled float32 call (twice its error at most), with real tiles."""
+    from vae_core.tiling import TileReport
+
+    with torch.no_grad():
+        exact = getattr(model64, kind)(t.double())
+        untiled = getattr(vae, kind)(t)
+        report = TileReport()
+        tiled = getattr(vae, kind)(t, tile=64, report=report, cache_bytes=cache_bytes)
+    assert report.schedule == schedule and report.tiles >= 4
+    e_un, e_tiled = per_frame_error(untiled, exact), per_frame_error(tiled, exact)
+    assert e_tiled.numel() == frames
+    assert bool((e_tiled <= 2 * e_un + 1e-6).all()), (e_tiled, e_un)
+
+
 def reset_every_chunk(conv_type: type) -> type:
     """A causal state whose ``conv_type`` caches are dropped at every chunk: each chunk restarts as if it were the
     first (the tilers that restart causality per temporal tile do this)."""

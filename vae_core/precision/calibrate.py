@@ -94,3 +94,21 @@ def fix_copy(model: nn.Module, sample: Optional[torch.Tensor],
     rescale(fixed, before)
     after = measure_peaks(fixed, image)
     return fixed, max(before.values()), max(after.values())
+
+
+def fix_streams(model: nn.Module, sample: Optional[torch.Tensor], target: float,
+                stream: Callable[[nn.Module], list[nn.Module]], conv1_of: Callable[[nn.Module], Optional[nn.Module]],
+                rescale_side: Callable[[nn.Module, nn.Module, float, dict[nn.Module, float]], None],
+                ) -> tuple[nn.Module, float, float]:
+    """:func:`fix_copy` for the video families' residual-stream fix: per side (encoder, decoder), one factor for the
+    stream from its peak, and one per residual block for its first conv (``conv1_of(block)``: the module whose peak
+    sets it, None for other stream members); ``rescale_side(copy, side, factor, conv1_factors)`` applies them."""
+    def rescale(fixed: nn.Module, before: dict[nn.Module, float]) -> None:
+        for side in (fixed.encoder, fixed.decoder):
+            members = stream(side)
+            peak = max(before.get(m, 0.0) for m in members)
+            conv1 = {m: pow2_down(before.get(c, 0.0), target) for m in members
+                     if (c := conv1_of(m)) is not None}
+            rescale_side(fixed, side, pow2_down(peak, target), conv1)
+
+    return fix_copy(model, sample, rescale)

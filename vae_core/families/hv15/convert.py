@@ -45,28 +45,32 @@ def is_hv15(sd: Mapping[str, torch.Tensor]) -> bool:
     return _prefix(sd) is not None
 
 
-def _to_original(key: str) -> str:
+#: original ↔ diffusers names of the down/up levels (``{}``: the level number)
+_LEVELS = (("encoder.down.{}.block.", "encoder.down_blocks.{}.resnets."),
+           ("encoder.down.{}.downsample.", "encoder.down_blocks.{}.downsamplers.0."),
+           ("decoder.up.{}.block.", "decoder.up_blocks.{}.resnets."),
+           ("decoder.up.{}.upsample.", "decoder.up_blocks.{}.upsamplers.0."))
+
+
+def _rename(key: str, to_diffusers: bool) -> str:
+    """One key from the original names to diffusers' (or back), by the one table of both directions."""
+    pairs = [(f"{side}.mid.{o}", f"{side}.mid_block.{d}") for side in ("encoder", "decoder") for o, d in _MID.items()]
     k = key
-    for side in ("encoder", "decoder"):
-        for o, d in _MID.items():
-            k = k.replace(f"{side}.mid_block.{d}", f"{side}.mid.{o}")
-    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
-    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", r"decoder.up.\1.block.", k)
-    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.\1.upsample.", k)
-    return k.replace(".conv_shortcut.", ".nin_shortcut.")
+    for o, d in pairs:
+        k = k.replace(*((o, d) if to_diffusers else (d, o)))
+    for o, d in _LEVELS:
+        src, dst = (o, d) if to_diffusers else (d, o)
+        k = re.sub("^" + re.escape(src).replace(r"\{\}", r"(\d+)"), dst.replace("{}", r"\1"), k)
+    shortcut = (".nin_shortcut.", ".conv_shortcut.")
+    return k.replace(*(shortcut if to_diffusers else shortcut[::-1]))
+
+
+def _to_original(key: str) -> str:
+    return _rename(key, to_diffusers=False)
 
 
 def _to_diffusers(key: str) -> str:
-    k = key
-    for side in ("encoder", "decoder"):
-        for o, d in _MID.items():
-            k = k.replace(f"{side}.mid.{o}", f"{side}.mid_block.{d}")
-    k = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", k)
-    k = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
-    k = re.sub(r"^decoder\.up\.(\d+)\.block\.", r"decoder.up_blocks.\1.resnets.", k)
-    k = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", r"decoder.up_blocks.\1.upsamplers.0.", k)
-    return k.replace(".nin_shortcut.", ".conv_shortcut.")
+    return _rename(key, to_diffusers=True)
 
 
 def hv15_to_canonical(sd: Mapping[str, torch.Tensor], path: object = "<state dict>"

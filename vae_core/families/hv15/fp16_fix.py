@@ -20,7 +20,7 @@ from torch import nn
 
 from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample
 from .model import HV15VAE
-from ...precision.calibrate import FIX_TARGET, fix_copy, pow2_down, scale_conv
+from ...precision.calibrate import FIX_TARGET, fix_streams, scale_conv
 
 __all__ = ["rescale_hv15_stream", "fp16_fix_hv15"]
 
@@ -69,11 +69,5 @@ def fp16_fix_hv15(model: HV15VAE, sample: Optional[torch.Tensor] = None, target:
     Returns:
         ``(new_model, peak_before, peak_after)``: largest |module output| before and after, on the same input.
     """
-    def rescale(fixed: nn.Module, before: dict[nn.Module, float]) -> None:
-        for side in (fixed.encoder, fixed.decoder):
-            stream = _stream(side)
-            peak = max(before.get(m, 0.0) for m in stream)
-            conv1 = {m: pow2_down(before.get(m.conv1, 0.0), target) for m in stream if isinstance(m, ResnetBlock)}
-            rescale_hv15_stream(fixed, side, pow2_down(peak, target), conv1)
-
-    return fix_copy(model, sample, rescale)
+    return fix_streams(model, sample, target, _stream, lambda m: m.conv1 if isinstance(m, ResnetBlock) else None,
+                       rescale_hv15_stream)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .blocks import AttentionBlock, DownBlock, Resample, ResidualBlock, UpBlock
 from .model import WanVAE
-from ...precision.calibrate import FIX_TARGET, fix_copy, pow2_down, scale_conv
+from ...precision.calibrate import FIX_TARGET, fix_streams, scale_conv
 
 __all__ = ["rescale_wan_stream", "fp16_fix_wan"]
 
@@ -58,12 +58,6 @@ def fp16_fix_wan(model: WanVAE, sample: Optional[torch.Tensor] = None, target: f
     Returns:
         ``(new_model, peak_before, peak_after)``: largest |module output| before and after, on the same input.
     """
-    def rescale(fixed: nn.Module, before: dict[nn.Module, float]) -> None:
-        for side in (fixed.encoder, fixed.decoder):
-            stream = _stream(side)
-            peak = max(before.get(m, 0.0) for m in stream)
-            conv1 = {m: pow2_down(before.get(m.residual[2], 0.0), target) for m in stream
-                     if isinstance(m, ResidualBlock)}
-            rescale_wan_stream(side, pow2_down(peak, target), conv1)
-
-    return fix_copy(model, sample, rescale)
+    return fix_streams(model, sample, target, _stream,
+                       lambda m: m.residual[2] if isinstance(m, ResidualBlock) else None,
+                       lambda fixed, side, s, conv1: rescale_wan_stream(side, s, conv1))
