@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Prepare the real hosts for the real-host tests: ComfyUI v0.3.64 and AUTOMATIC1111 v1.10.1 from the archives in
-``shared/hosts/``, each unpacked with a virtual environment of its own built from the package registries.
+"""Prepare the real hosts for the real-host tests: ComfyUI v0.3.64, AUTOMATIC1111 v1.10.1 and Forge (main at dfdcbab6)
+from the archives in ``shared/hosts/``, each unpacked with a virtual environment of its own built from the package
+registries.
 
-    eval "$(python3 .ci/prepare_hosts.py)"     # prints: export COMFYUI_PATH=... COMFYUI_PYTHON=... A1111_PATH=...
+    eval "$(python3 .ci/prepare_hosts.py)"     # prints: export COMFYUI_PATH=... A1111_PATH=... FORGE_PATH=...
 
 Everything goes in a cache folder outside the repository (``$VAE_PACK_HOST_CACHE``, default
 ``~/.cache/vae-pack-hosts``), one sub-folder per host whose name is a hash of the archive and of the recipe below, so
@@ -46,6 +47,16 @@ HOSTS = {
         "requirements": "requirements_versions.txt",
         "check": "import torch, torchvision, gradio, ldm.models.autoencoder",
     },
+}
+HOSTS["forge"] = {
+    "archive": "forge-dfdcbab6.tar.gz", "folder": "forge",
+    # as for A1111 (setuptools for torch 2.13 and lightning), torchvision without its deps (the CUDA torch pin);
+    # joblib: the built-in soft inpainting script imports it
+    "constraints": ["torch==2.13.0+cpu", "setuptools>=77.0.3,<81"],
+    "steps": [[TORCH], ["torchvision==0.28.0", "--no-deps"], ["-r", "{src}/requirements.txt.vae-pack", "joblib"]],
+    "drop": ("torch", "setuptools"),
+    "requirements": "requirements_versions.txt",
+    "check": "import sys; sys.argv.append('--always-cpu'); import torch, torchvision, gradio, backend.loader",
 }
 RECIPE_VERSION = "1"
 
@@ -138,6 +149,8 @@ def main() -> int:
         "COMFYUI_PYTHON": ready["comfyui"] / "venv" / "bin" / "python",
         "A1111_PATH": ready["a1111"] / HOSTS["a1111"]["folder"],
         "A1111_PYTHON": ready["a1111"] / "venv" / "bin" / "python",
+        "FORGE_PATH": ready["forge"] / HOSTS["forge"]["folder"],
+        "FORGE_PYTHON": ready["forge"] / "venv" / "bin" / "python",
     }
     print(" ".join(f"export {k}={shlex.quote(str(v))};" for k, v in exports.items()))
     return 0

@@ -385,7 +385,7 @@ def test_a1111_guard_retries_from_the_loaded_weights(a1111, monkeypatch):
 
     fsm.decoder.forward = nan_below_fp32
     try:
-        hooks.install_guard(fsm, devices)
+        hooks.install_guard(fsm, lambda d: setattr(devices, "dtype_vae", d))
         y = sd_model.decode_first_stage(torch.randn(1, 4, 8, 8))
         assert torch.isfinite(y).all() and len(seen) == 3
         assert all(torch.equal(seen[2][k], v.float()) for k, v in loaded.items())

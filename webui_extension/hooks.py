@@ -6,7 +6,7 @@
 * :func:`install_tiled` / :func:`restore_tiled` — swap ``encoder.forward``/``decoder.forward`` for the vae_core
   tiled engine during processing, and put back exactly what was there.
 * :func:`install_guard` — whole-tensor NaN check on ``first_stage_model.encode``/``decode``; retries in bf16 (where
-  native) then fp32, and sets ``devices.dtype_vae`` like A1111's own retry does.
+  native) then fp32, and tells the host the new dtype (A1111's ``devices.dtype_vae``, like its own retry does).
 * :func:`apply_fp16_fix` — rescale the weights in place (GroupNorm eps too) when the VAE runs in fp16
   (:mod:`vae_core.hosts.fp16_inplace`).
 """
@@ -58,15 +58,20 @@ def install_tiled(fsm: nn.Module, encoder_tile: Any, decoder_tile: Any, mode: st
     restore_tiled(fsm)
     saved = {part: getattr(fsm, part).__dict__.get("forward") for part in ("encoder", "decoder")}
 
-    def encoder_forward(x: torch.Tensor) -> torch.Tensor:
-        opts = tiling.TileOptions(tile=encoder_tile or "auto", mode=mode, cancel=_raised_during_call(cancel))
+    def run(what: str, x: torch.Tensor, tile: Any, forward: Callable[..., torch.Tensor]) -> torch.Tensor:
+        report = tiling.TileReport()
+        opts = tiling.TileOptions(tile=tile or "auto", mode=mode, cancel=_raised_during_call(cancel), report=report)
         with engine(fsm).attached() as vae:
-            return vae_engine.encoder_forward(vae.model, x, opts)
+            out = forward(vae.model, x, opts)
+        log.info("VAE pack: tiled %s of %s (%s, tile %s): %d tiles", what, tuple(x.shape), mode, tile or "auto",
+                 report.tiles)
+        return out
+
+    def encoder_forward(x: torch.Tensor) -> torch.Tensor:
+        return run("encode", x, encoder_tile, vae_engine.encoder_forward)
 
     def decoder_forward(z: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
-        opts = tiling.TileOptions(tile=decoder_tile or "auto", mode=mode, cancel=_raised_during_call(cancel))
-        with engine(fsm).attached() as vae:
-            return vae_engine.decoder_forward(vae.model, z, opts)
+        return run("decode", z, decoder_tile, vae_engine.decoder_forward)
 
     fsm.encoder.forward = encoder_forward
     fsm.decoder.forward = decoder_forward
@@ -85,9 +90,10 @@ def restore_tiled(fsm: nn.Module) -> None:
             mod.forward = fwd
 
 
-def restore_when_closed(p: Any, fsm: nn.Module) -> None:
-    """Restore ``fsm``'s forwards when the job ``p`` is closed: A1111 runs every txt2img/img2img job (UI and API) in
-    ``with closing(p)``, so this runs when the job fails or is cancelled too, where ``postprocess`` is skipped."""
+def restore_when_closed(p: Any, undo: Callable[[], None]) -> None:
+    """Run ``undo`` (e.g. restore a first stage's forwards) when the job ``p`` is closed: A1111 and Forge run every
+    txt2img/img2img job (UI and API) in ``with closing(p)``, so this runs when the job fails or is cancelled too,
+    where ``postprocess`` is skipped."""
     close = getattr(p, "close", None)
     own = p.__dict__.get("close")  # an instance attribute to put back, if the job had one
 
@@ -97,7 +103,7 @@ def restore_when_closed(p: Any, fsm: nn.Module) -> None:
         else:
             p.__dict__["close"] = own
         try:
-            restore_tiled(fsm)
+            undo()
         finally:
             if close is not None:
                 close(*args, **kwargs)
@@ -114,14 +120,16 @@ def _tensor_of(out: Any) -> torch.Tensor:
     raise TypeError(f"first_stage_model output of type {type(out).__name__}: no tensor to check")
 
 
-def install_guard(fsm: nn.Module, devices: Any) -> None:
-    """Whole-output NaN/inf check with bf16/fp32 retry on ``fsm.encode`` and ``fsm.decode`` (idempotent)."""
+def install_guard(fsm: nn.Module, set_dtype: Callable[[torch.dtype], None]) -> None:
+    """Whole-output NaN/inf check with bf16/fp32 retry on ``fsm.encode`` and ``fsm.decode`` (idempotent).
+
+    ``set_dtype(d)`` tells the host that its VAE now runs in ``d``, so it casts the next inputs to it (A1111:
+    ``devices.dtype_vae``; Forge: the VAE object's ``vae_dtype``)."""
     if getattr(fsm, "_vae_pack_guard", None) is not None:
         return
     fsm._vae_pack_guard = guard_methods(
         fsm, ("encode", "decode"), lambda: fsm, dtype_now=lambda: next(fsm.parameters()).dtype,
-        set_dtype=lambda d: setattr(devices, "dtype_vae", d),  # A1111 casts the next inputs to this
-        device=lambda x: x.device, remember=False, output=_tensor_of, inputs_in_dtype=True)
+        set_dtype=set_dtype, device=lambda x: x.device, remember=False, output=_tensor_of, inputs_in_dtype=True)
 
 
 def remove_guard(fsm: nn.Module) -> None:
