@@ -57,6 +57,9 @@ HOSTS["forge"] = {
     "drop": ("torch", "setuptools"),
     "requirements": "requirements_versions.txt",
     "check": "import sys; sys.argv.append('--always-cpu'); import torch, torchvision, gradio, backend.loader",
+    # what its first launch creates in its own tree (A1111's archive ships it), so the tests' check that a server
+    # writes nothing there holds on a fresh build too
+    "dirs": ["config_states"],
 }
 RECIPE_VERSION = "1"
 
@@ -99,6 +102,8 @@ def build(name: str, spec: dict, archive: Path, work: Path, log) -> None:
     with tarfile.open(archive) as tar:
         tar.extractall(work, filter="data")
     src = work / spec["folder"]
+    for d in spec.get("dirs", ()):
+        (src / d).mkdir(exist_ok=True)
     reqs = [line for line in (src / spec["requirements"]).read_text().splitlines()
             if line.split("==")[0].split(">=")[0].split("<")[0].strip().lower() not in spec["drop"]]
     (src / "requirements.txt.vae-pack").write_text("\n".join(reqs) + "\n")

@@ -35,9 +35,10 @@ VIDEO_AUTO_TILE = 512
 
 
 class EngineFirstStage(torch.nn.Module):
-    """The first stage of an engine-backed ComfyUI VAE: vae_core's network under ComfyUI's latent convention. For
-    Flux.2 that is the normalised 2×2-patchified form (128 channels at 1/16 scale): ``encode`` = vae_core encode then
-    ``bn.normalize``, ``decode`` = ``bn.denormalize`` then decode; other families use raw latents. ``vae`` is the
+    """The first stage of an engine-backed ComfyUI VAE: vae_core's network under ComfyUI's latent convention for its
+    family. Flux.2: the normalised 2×2-patchified form (128 channels at 1/16 scale); LTX-Video: per-channel
+    normalised latents (as core's own LTX VAE gives them): ``encode`` = vae_core encode then the family's
+    ``scale_latents``, ``decode`` = ``unscale_latents`` then decode; other families use raw latents. ``vae`` is the
     vae_core network (the attribute name gives :class:`HostEngine` the ``vae.`` prefix it recognises)."""
 
     def __init__(self, model: torch.nn.Module, normalised_latents: bool) -> None:
@@ -45,12 +46,16 @@ class EngineFirstStage(torch.nn.Module):
         self.vae = model
         self.normalised_latents = normalised_latents
 
+    def _family(self):  # noqa: ANN202
+        from ..vae_core.families.registry import for_model
+        return for_model(self.vae)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         z = self.vae.encode(x)
-        return self.vae.bn.normalize(z) if self.normalised_latents else z
+        return self._family().scale_latents(self.vae, None, z) if self.normalised_latents else z
 
     def decode(self, z: torch.Tensor, **_: Any) -> torch.Tensor:
-        return self.vae.decode(self.vae.bn.denormalize(z) if self.normalised_latents else z)
+        return self.vae.decode(self._family().unscale_latents(self.vae, None, z) if self.normalised_latents else z)
 
 
 def comfy_knows(vae: Vae) -> bool:
@@ -74,12 +79,12 @@ def engine_vae(vae: Vae) -> Any:
     import comfy.model_patcher
 
     cvae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
-    first = EngineFirstStage(vae.model.to("cpu"), vae.family.patched_latents(vae.model))
+    first = EngineFirstStage(vae.model.to("cpu"), vae.family.patched_latents(vae.model) or vae.family.host_normalised)
     first = first.eval().requires_grad_(False).to(cvae.vae_dtype)
     cvae.first_stage_model = first
     cvae.patcher = comfy.model_patcher.ModelPatcher(first, load_device=cvae.device,
                                                    offload_device=mm.vae_offload_device())
-    patch = 2 if first.normalised_latents else 1
+    patch = 2 if vae.family.patched_latents(vae.model) else 1
     cvae.downscale_ratio = cvae.upscale_ratio = patch * vae.model.config.downscale
     cvae.latent_channels = patch * patch * vae.info.latent_channels
     cvae.vae_pack_engine = True

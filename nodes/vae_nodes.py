@@ -129,7 +129,9 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, im
     progress, cancel = progress_and_cancel()
     tile = tile_size or "auto"
     report = TileReport()
-    normalised = getattr(vae.first_stage_model, "normalised_latents", False)  # Flux.2 on an engine-backed VAE
+    # Flux.2 on an engine-backed VAE; LTX-Video anywhere (core's own LTX VAE normalises its latents too)
+    normalised = (getattr(vae.first_stage_model, "normalised_latents", False)
+                  or engine_for(vae).vae.family.host_normalised)
 
     def call(v: Any, planned: Any, schedule: str) -> torch.Tensor:
         kw = dict(tile=planned, mode=mode, progress=progress, cancel=cancel, report=report, schedule=schedule)
@@ -138,7 +140,8 @@ def _tiled(vae: Any, method: str, t: torch.Tensor, tile_size: int, mode: str, im
         z = v.encode(t, **kw)
         return v.scale_latents(z) if normalised else z
 
-    frames = (t.shape[2] if method == "encode" else 1 + 4 * (t.shape[2] - 1)) if video else None
+    ft = getattr(engine_for(vae).vae.model.config, "temporal_scale", 1)
+    frames = (t.shape[2] if method == "encode" else 1 + ft * (t.shape[2] - 1)) if video else None
     out = run_engine(vae, call, image_shape, tile, video=(method, frames) if video else None)
     if video and method == "decode":  # [B, 3, F, H, W] → frames as IMAGE batch entries, as core's VAE Decode
         out = out.movedim(2, 1).reshape(-1, out.shape[1], *out.shape[-2:])
@@ -170,7 +173,8 @@ class VaePackLoader:
                 f"{i.layout} keys in {i.container}{' under ' + repr(i.prefix) if i.prefix else ''}")
         cvae = to_comfy_vae(vae)
         if getattr(cvae, "vae_pack_engine", False):
-            form = "normalised, 2×2-patchified" if cvae.first_stage_model.normalised_latents else "raw"
+            form = ("normalised, 2×2-patchified" if vae.family.patched_latents(vae.model) else
+                    "per-channel normalised" if cvae.first_stage_model.normalised_latents else "raw")
             text += (f"; this ComfyUI does not build such VAEs itself: the VAE runs vae_core's network (latents: "
                      f"{cvae.latent_channels} channels at 1/{cvae.spacial_compression_decode()}, {form})")
         return cvae, text

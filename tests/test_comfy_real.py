@@ -83,6 +83,11 @@ def server(tmp_path_factory):
 
     _hv15().save_pretrained(base / "hv15-diffusers")  # v0.3.64 predates HunyuanVideo 1.5: an engine video VAE
     vae_core.save_vae(vae_core.load_vae(base / "hv15-diffusers"), base / "models" / "vae" / "hunyuanvideo15_vae.safetensors")
+    save_file(_ltx_full_size(), str(base / "models" / "vae" / "ltxv-0.9.0-random.safetensors"))
+    from test_family_ltx import reference as _ltx
+
+    _ltx("2").save_pretrained(base / "ltx2-diffusers")  # v0.3.64 predates LTX-2: an engine video VAE
+    vae_core.save_vae(vae_core.load_vae(base / "ltx2-diffusers"), base / "models" / "vae" / "ltx-2-vae.safetensors")
     from test_family_taef2 import DEC_POOL, ENC_POOL, _pool_tensors
     from test_family_tiny import _original_halves, _tiny
 
@@ -148,6 +153,27 @@ def _qwen_full_size() -> dict:
             out[k] = (torch.randn(shape, generator=g) / fan_in ** 0.5).half()
         else:
             out[k] = torch.zeros(shape, dtype=torch.float16)
+    return out
+
+
+def _ltx_full_size() -> dict:
+    """A random LTX-Video 0.9.0 VAE at its real widths (419 M parameters, fp16: 838 MB), in Lightricks' layout:
+    v0.3.64's VAELoader reads no metadata and builds LTX from its own guess of the released configs, so only real
+    widths load there (its decoder reflects at the borders: our default for files that do not say)."""
+    from vae_core.families.ltx.model import LTXVAE, release_config
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LTXVAE(release_config("0.9.0")).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for k, shape in shapes.items():
+        if k.endswith("std-of-means"):
+            out[k] = (torch.rand(shape, generator=g) + 0.5).half()
+        elif len(shape) > 1:  # fan-in scaled: a non-trivial image
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            out[k] = (torch.randn(shape, generator=g) / fan_in ** 0.5).half()
+        else:
+            out[k] = (torch.randn(shape, generator=g) * 0.05).half()
     return out
 
 
@@ -523,3 +549,83 @@ def test_wan_video_example_runs_exact(server):
     ours, core = _saved_frames(base, outputs, "7"), _saved_frames(base, outputs, "9")
     assert ours.shape == core.shape == (5, 64, 96, 3) and np.abs(ours - core).max() <= 1.0
     assert re.search(r"stream(-levels)? tiling", outputs["10"]["text"][0]), outputs["10"]
+
+
+def test_ltx_video_from_core_loader_runs_exact_streamed_tiling(server):
+    """A full-width LTX-Video 0.9.0 VAE built by core's VAELoader (core's own VideoVAE) on a 9-frame clip: our tiled decode (non-causal layers lagging, per-channel normalised latents as core's encode gives
+    them) of core's 2-latent-frame encode gives core VAE Decode's 9 frames, and our tiled encode decodes (by core) to
+    the same frames, all within 1/255; core's VAE Decode (Tiled) runs alongside as the peer (printed)."""
+    url, _, base = server
+    batch = {"5": ("3", "4"), "6": ("5", "5"), "7": ("6", "6"), "15": ("7", "3")}  # 2, 4, 8, 9 frames
+    graph = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "ltxv-0.9.0-random.safetensors"}},
+             "2": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "3": {"class_type": "ImageScale", "inputs": {"image": ["2", 0], "upscale_method": "area", "width": 192,
+                                                          "height": 128, "crop": "disabled"}},
+             "4": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},
+             **{k: {"class_type": "ImageBatch", "inputs": {"image1": [a, 0], "image2": [b, 0]}}
+                for k, (a, b) in batch.items()},
+             "8": {"class_type": "VAEEncode", "inputs": {"pixels": ["15", 0], "vae": ["1", 0]}},
+             "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 0]}},
+             "10": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["1", 0],
+                                                                     "tile_size": 64, "mode": "exact"}},
+             "11": {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}},
+             "12": {"class_type": "VaePackEncodeTiled", "inputs": {"pixels": ["15", 0], "vae": ["1", 0],
+                                                                     "tile_size": 64, "mode": "exact"}},
+             "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["1", 0]}},
+             # core's tiler fails below 4 latent px per tile (reflect padding of a 2-px tile): 128 px, 1/4 overlap
+             "14": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["1", 0], "tile_size": 128,
+                                                                 "overlap": 32, "temporal_size": 8,
+                                                                 "temporal_overlap": 4}}}
+    graph |= {f"s{k}": {"class_type": "SaveImage", "inputs": {"images": [k, 0], "filename_prefix": f"ltx-{k}"}}
+              for k in ("9", "10", "13", "14")}
+    outputs = _run(url, base, graph)
+    found = re.search(r"stream(-levels)? tiling, (\d+) tiles", outputs["11"]["text"][0])
+    assert found and int(found.group(2)) >= 2, outputs["11"]
+    core = _saved_frames(base, outputs, "s9")
+    assert core.shape == (9, 128, 192, 3) and core.std() > 5
+    assert np.abs(_saved_frames(base, outputs, "s10") - core).max() <= 1.0  # our tiled decode = core VAE Decode
+    assert np.abs(_saved_frames(base, outputs, "s13") - core).max() <= 1.0  # our tiled encode = core VAE Encode
+    peer = np.abs(_saved_frames(base, outputs, "s14") - core)
+    print(f"LTX-Video, core VAE Decode (Tiled), 128 px / 32 overlap, 8 frames / 4: max {peer.max():.0f}/255, per frame "
+          f"{[round(float(f.max())) for f in peer]}")
+
+
+def test_ltx2_video_through_our_loader_into_core_and_tiled_nodes(server):
+    """An LTX-2 VAE (v0.3.64 predates it) through our Load VAE: core VAE Encode takes the 9 IMAGE frames as one clip
+    (normalised latents, core's LTX convention) and core VAE Decode gives 9 frames, equal to a direct vae_core round
+    trip; our tiled decode and encode equal core's within 1/255 on every frame."""
+    url, _, base = server
+    batch = {"5": ("2", "4"), "6": ("5", "5"), "7": ("6", "6"), "15": ("7", "2")}  # 2, 4, 8, 9 frames (8-bit)
+    graph = {"1": {"class_type": "VaePackLoader", "inputs": {"vae_name": "ltx-2-vae.safetensors"}},
+             "2": {"class_type": "LoadImage", "inputs": {"image": "sample.png"}},
+             "4": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+             **{k: {"class_type": "ImageBatch", "inputs": {"image1": [a, 0], "image2": [b, 0]}}
+                for k, (a, b) in batch.items()},
+             "8": {"class_type": "VAEEncode", "inputs": {"pixels": ["15", 0], "vae": ["1", 0]}},
+             "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 0]}},
+             "10": {"class_type": "VaePackDecodeTiled", "inputs": {"samples": ["8", 0], "vae": ["1", 0],
+                                                                     "tile_size": 256, "mode": "exact"}},
+             "11": {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}},
+             "12": {"class_type": "VaePackEncodeTiled", "inputs": {"pixels": ["15", 0], "vae": ["1", 0],
+                                                                     "tile_size": 256, "mode": "exact"}},
+             "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["1", 0]}},
+             "14": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    graph |= {f"s{k}": {"class_type": "SaveImage", "inputs": {"images": [k, 0], "filename_prefix": f"ltx2-{k}"}}
+              for k in ("15", "9", "10", "13")}
+    outputs = _run(url, base, graph)
+    info = outputs["14"]["text"][0]
+    assert "ltx2" in info and "runs vae_core's network" in info and "per-channel normalised" in info, info
+    found = re.search(r"stream(-levels)? tiling, (\d+) tiles", outputs["11"]["text"][0])
+    assert found and int(found.group(2)) >= 2, outputs["11"]
+    core = _saved_frames(base, outputs, "s9")
+    assert core.shape == (9, 512, 512, 3) and core.std() > 5
+    frames = torch.from_numpy(_saved_frames(base, outputs, "s15").astype(np.float64) / 255).float()
+    vae = vae_core.load_vae(base / "models" / "vae" / "ltx-2-vae.safetensors")
+    with torch.no_grad():
+        direct = vae.decode(vae.encode(frames.permute(3, 0, 1, 2)[None] * 2 - 1))[0].permute(1, 2, 3, 0)
+    direct = ((direct.clamp(-1, 1) + 1) * 127.5).numpy()
+    # core's Encode/Decode run the clip as one video, not 9 images (SaveImage truncates to 8 bits, and core's latents
+    # pass through the normalisation and back: up to 3 levels on this random network)
+    assert np.abs(core - direct).max() <= 3.0
+    assert np.abs(_saved_frames(base, outputs, "s10") - core).max() <= 1.0  # our tiled decode = core VAE Decode
+    assert np.abs(_saved_frames(base, outputs, "s13") - core).max() <= 1.0  # our tiled encode = core VAE Encode

@@ -67,7 +67,11 @@ spec, kind, frames, side, impl, schedule = json.loads(sys.argv[1]), sys.argv[2],
 torch.set_num_threads(1)
 torch.manual_seed(0)
 family = by_name(spec["family"])
-cfg = family.config_type(**spec["config"])
+if "release" in spec:  # LTX: a released block sequence, narrowed
+    from vae_core.families.ltx.model import release_config
+    cfg = release_config(**spec["release"])
+else:
+    cfg = family.config_type(**spec["config"])
 model = family.build(cfg).eval().requires_grad_(False)
 f, ft = cfg.downscale, cfg.temporal_scale
 lat = (1, cfg.latent_channels, 1 + (frames - 1) // ft, side // f, side // f)
@@ -82,7 +86,7 @@ assert reset_peak_rss()
 base = proc_status_bytes("VmRSS")
 with torch.no_grad():
     if impl == "tiled":
-        run_segments(model.video_plan(kind, t.shape[2]), t, TILE, TileOptions(), out=out, schedule=schedule)
+        run_segments(family.video_plan_for(model, kind, t, False), t, TILE, TileOptions(), out=out, schedule=schedule)
     elif kind == "decode":
         model.decode(t, out=out)
     else:
@@ -95,7 +99,8 @@ print(json.dumps({"peak": peak_rss() - base, "estimate": ws["total"]}))
 def peak_in_subprocess(spec: dict, kind: str, frames: int, side: int, impl: str, schedule: str = "tile") -> dict:
     """``{"peak": bytes, "estimate": bytes}`` of one ``kind`` call (``impl`` ``"tiled"``, 128-px tiles in
     ``schedule``, or ``"untiled"``) on ``frames`` frames of ``side``² px, for the network ``spec`` gives
-    (``{"family": registry name, "config": config fields}``)."""
+    (``{"family": registry name, "config": config fields}``, or for LTX ``"release"``: :func:`release_config`'s
+    arguments)."""
     # a fixed mmap threshold: glibc otherwise raises it after the first large free and keeps freed tensors in its
     # heap, so RSS would measure its retention policy (±50 % run to run) rather than the live tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")

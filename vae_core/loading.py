@@ -211,6 +211,7 @@ def save_vae(vae: Vae, path: Union[str, os.PathLike], layout: str = "ldm",
             "latent_channels": str(info.latent_channels)}
     if shift is not None:
         meta["shift_factor"] = repr(shift)
+    meta |= family.file_metadata(vae.model, layout)
     if as_folder:
         config = family.diffusers_config(vae.model, LatentFormat(info.family, scale, shift, info.sources))
         cfg_text = json.dumps(config, indent=2, allow_nan=False)

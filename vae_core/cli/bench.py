@@ -120,9 +120,10 @@ def _bench_video(args: argparse.Namespace) -> int:
     family = for_config(config)
     if not family.video:
         raise VaeInputError(f"--frames {frames} with {args.vae}: {family.label}, which takes images only; expected a "
-                            "video VAE (Wan 2.1 / 2.2, HunyuanVideo 1.5)")
+                            "video VAE (Wan 2.1 / 2.2, HunyuanVideo 1.5, LTX-Video)")
     if frames < 1 or (frames - 1) % config.temporal_scale:
-        raise VaeInputError(f"--frames {frames}: expected 1 + {config.temporal_scale}k frames (1, 5, 9, ..., 81)")
+        raise VaeInputError(f"--frames {frames}: expected 1 + {config.temporal_scale}k frames "
+                            f"(1, {1 + config.temporal_scale}, {1 + 2 * config.temporal_scale}, ...)")
     f = config.downscale
     sizes = args.size or ([(1280, 720)] if device == "cuda" else [(256, 256)])
     bad = [f"{w}x{h}" for w, h in sizes if w % f or h % f]
@@ -185,7 +186,8 @@ def add_bench_parser(sub: Any) -> None:
                    help="image edges (default 1024 2048 4096 on CUDA, 256 512 on CPU); with --frames, N or WxH "
                         "(default 1280x720 on CUDA, 256 on CPU)")
     s.add_argument("--frames", type=int, default=None,
-                   help="benchmark a video VAE (Wan, HunyuanVideo 1.5) on clips of this many frames (1 + 4k); "
+                   help="benchmark a video VAE (Wan, HunyuanVideo 1.5, LTX-Video) on clips of this many frames (1 + 4k; "
+                        "LTX-Video: 1 + 8k); "
                         "default model: a "
                         "random-weight Wan 2.1 VAE at its real widths")
     s.add_argument("--dtype", default="fp32", choices=list(HOST_CHOICES))

@@ -173,6 +173,9 @@ class Family:
     video: bool = False
     #: whether the encoder is deterministic (no posterior log-variance: nothing to sample)
     deterministic: bool = False
+    #: whether hosts hand this family's VAE normalised latents (``scale_latents`` form) rather than raw ones (LTX-Video:
+    #: its VAE normalises with its own per-channel statistics in ComfyUI and diffusers alike)
+    host_normalised: bool = False
 
     def check_sides(self, model: nn.Module, t: torch.Tensor, kind: str) -> None:
         """Refuse an image or video ``t`` whose sides ``kind`` cannot run, naming them (default: any side; most
@@ -213,6 +216,15 @@ class Family:
     def diffusers_config(self, model: nn.Module, fmt: LatentFormat) -> dict[str, Any]:
         """A diffusers ``config.json`` for a saved folder."""
         raise NotImplementedError
+
+    def host_settings(self, module: nn.Module) -> Optional[dict[str, Any]]:
+        """What a host's live VAE module says beyond its tensors (its config, in ``LoadRequest.config`` terms; default
+        none): e.g. how the host built LTX's padding."""
+        return None
+
+    def file_metadata(self, model: nn.Module, layout: str) -> dict[str, str]:
+        """Safetensors metadata a saved file needs beyond the weights (default: none)."""
+        return {}
 
 
 class HaloFamily(Family):

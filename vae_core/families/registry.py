@@ -15,14 +15,15 @@ from ..errors import VaeInputError
 from .base import Family
 from .hv15.family import HV15
 from .kl.family import KL
+from .ltx.family import LTX
 from .tiny.family import TINY
 from .wan.family import WAN
 
 __all__ = ["REGISTRY", "detect", "for_model", "for_config", "by_name"]
 
 #: Every family, in detection order (the most specific key patterns first: HunyuanVideo 1.5's diffusers keys share
-#: ``mid_block.resnets.0.norm1.gamma`` with Wan's, so hv15 asks first).
-REGISTRY: tuple[Family, ...] = (TINY, HV15, WAN, KL)
+#: ``mid_block.resnets.0.norm1.gamma`` with Wan's, so hv15 asks first; LTX's norms have no weights at all).
+REGISTRY: tuple[Family, ...] = (TINY, HV15, LTX, WAN, KL)
 
 
 def detect(sd: Mapping[str, torch.Tensor]) -> Family:
@@ -51,7 +52,7 @@ def for_config(config: Any) -> Family:
 
 
 def by_name(name: str) -> Family:
-    """The family called ``name`` (``"kl"``, ``"wan"``, ``"hv15"``, ``"tiny"``)."""
+    """The family called ``name`` (``"kl"``, ``"wan"``, ``"hv15"``, ``"ltx"``, ``"tiny"``)."""
     for f in REGISTRY:
         if f.name == name:
             return f

@@ -19,7 +19,7 @@ from ..tiling.halo import halo_tiled
 from ..tiling.memory import free_memory
 from ..tiling.stream import estimate_working_set, run_segments
 
-__all__ = ["VideoFamily"]
+__all__ = ["VideoFamily", "PerChannelLatents"]
 
 
 class VideoFamily(HaloFamily):
@@ -45,7 +45,12 @@ class VideoFamily(HaloFamily):
                  else (1, cfg.in_channels, frames, height, width))
         x = torch.empty(shape, device="meta", dtype=dtype)
         with torch.no_grad():
-            return estimate_working_set(twin.video_plan(kind, shape[2]), x, tile, dtype, schedule)
+            return estimate_working_set(self.video_plan_for(twin, kind, x, False), x, tile, dtype, schedule)
+
+    def video_plan_for(self, model: nn.Module, kind: str, t: torch.Tensor, moments: bool) -> list:
+        """The streamed plan of a call on ``t`` (a family whose plans need more than the frame count overrides; LTX's
+        decode plan runs on the latents its ``decode_context`` gives, noise mixed in)."""
+        return model.video_plan(kind, t.shape[2], moments) if moments else model.video_plan(kind, t.shape[2])
 
     def video_schedule(self, model: nn.Module, kind: str, t: torch.Tensor, tile: Optional[int],
                        cache_bytes: object) -> str:
@@ -78,9 +83,19 @@ class VideoFamily(HaloFamily):
                 model.check_video(t, kind)
                 schedule = (opts.schedule if opts.schedule != "auto"
                             else self.video_schedule(model, kind, t, tile, opts.cache_bytes))
-                plan = model.video_plan(kind, t.shape[2], moments) if moments else model.video_plan(kind, t.shape[2])
-                return run_segments(plan, t, tile, opts, schedule=schedule)
+                return run_segments(self.video_plan_for(model, kind, t, moments), t, tile, opts, schedule=schedule)
             if kind == "decode":
                 return halo_tiled(model.decode_stages(), t, tile, model.config.downscale, opts)
             return halo_tiled(model.encode_stages(moments), t, tile, 1, opts)
         return run
+
+
+class PerChannelLatents:
+    """A family mixin: the diffusion model's latents are the network's per-channel normalised ones
+    (``model.normalize``/``denormalize``: Wan's statistics, LTX-Video's)."""
+
+    def scale_latents(self, model: nn.Module, fmt: Any, z: torch.Tensor) -> torch.Tensor:
+        return model.normalize(z)
+
+    def unscale_latents(self, model: nn.Module, fmt: Any, z: torch.Tensor) -> torch.Tensor:
+        return model.denormalize(z)

@@ -68,7 +68,7 @@ class HostEngine:
         stand_ins = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
         owner = {id(t): k for k, t in stand_ins.items()}
         family = detect(stand_ins)
-        request = LoadRequest(path=self.name, host=True)
+        request = LoadRequest(path=self.name, host=True, config=family.host_settings(module))
         canon = family.canonical(stand_ins, self.name, request)
         self._sources: dict[str, tuple[str, torch.Size]] = {}
         for key, t in canon.state_dict.items():

@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["video_model", "video_input", "diffusers_video", "video_call", "video_flop_ratio", "peer_flop_ratio"]
+__all__ = ["video_model", "video_input", "diffusers_video", "video_call", "video_flop_ratio", "peer_flop_ratio",
+           "peer_decode_args"]
 
 #: diffusers' tile stride as a share of the tile (its default 192 of 256)
 PEER_STRIDE = 0.75
@@ -105,12 +106,20 @@ def video_call(spec: dict[str, Any], model: torch.nn.Module, device: torch.devic
     if impl in ("diffusers", "diffusers-untiled"):
         d = diffusers_video(model, device, dtype, spec.get("tile") if impl == "diffusers" else None)
         if op == "decode":
-            return (lambda t: d.decode(t).sample), None
+            return (lambda t: d.decode(t, **peer_decode_args(d, t)).sample), None
         return (lambda t: d.encode(t).latent_dist.mean), None
     opts = tiling.TileOptions(tile=None if impl == "untiled" else spec["tile"],
                               schedule=spec.get("schedule", "auto"), cache_bytes=spec.get("cache_bytes", "auto"))
     call = engine.decode if op == "decode" else engine.encode
     return (lambda t: call(model, t, opts)), opts
+
+
+def peer_decode_args(d: Any, z: torch.Tensor) -> dict[str, Any]:
+    """What diffusers' decode needs besides the latents: a timestep-conditioned LTX decoder takes the decode timestep
+    (0.05, as ours; its blocks' noise comes from the global generator)."""
+    if getattr(d.config, "timestep_conditioning", False):
+        return {"temb": torch.full((z.shape[0],), 0.05, device=z.device, dtype=z.dtype)}
+    return {}
 
 
 def _count(fn: Any) -> int:
@@ -161,7 +170,8 @@ def peer_flop_ratio(config: Any, op: str, frames: int, height: int, width: int, 
             base = _count(lambda: (model.decode if op == "decode" else model.encode)(x))
             with torch.device("meta"):
                 d = diffusers_video(model, torch.device("meta"), torch.float32, tile, load=False)
-            fn = (lambda: d.decode(x).sample) if op == "decode" else (lambda: d.encode(x).latent_dist.mean)
+            fn = (lambda: d.decode(x, **peer_decode_args(d, x)).sample) if op == "decode" else \
+                (lambda: d.encode(x).latent_dist.mean)
             return _count(fn) / base
     except (ImportError, RuntimeError, NotImplementedError, TypeError):
         return None

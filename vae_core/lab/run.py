@@ -119,7 +119,8 @@ class LabResult:
 def capabilities(vae: Vae) -> set[str]:
     """What a loaded VAE can run besides the plain dtypes and vae_core's tiling: ``"fp16-fix"`` (GroupNorm- or RMS-
     norm-normalised stream) and ``"diffusers"`` (a network diffusers holds: a kl-f8 ``AutoencoderKL``, a Wan VAE as
-    ``AutoencoderKLWan``, HunyuanVideo 1.5's as ``AutoencoderKLHunyuanVideo15``)."""
+    ``AutoencoderKLWan``, HunyuanVideo 1.5's as ``AutoencoderKLHunyuanVideo15``, LTX-Video's as
+    ``AutoencoderKLLTXVideo`` where it pads with zeros)."""
     caps = set()
     if vae.family.fp16_fix is not None:
         caps.add("fp16-fix")
@@ -233,8 +234,10 @@ def _diffusers_roundtrip(d: Any, x: torch.Tensor, device: torch.device, dtype: t
     """diffusers' round trip of an image or clip: a video network takes 5-D (an image as one frame), an image
     network a clip frame by frame."""
     def one(t: torch.Tensor) -> torch.Tensor:
+        from .bench_video import peer_decode_args
+
         z = d.encode(t.to(device, dtype)).latent_dist.mean
-        return d.decode(z).sample.float()
+        return d.decode(z, **peer_decode_args(d, z)).sample.float()
 
     with torch.inference_mode():
         if video:

@@ -30,36 +30,16 @@ import torch
 from ..errors import Cancelled, VaeInputError
 from .geometry import Interval, split
 from .halo import Local, Whole, stage_sizes as _sizes, windows as _windows
+from .lagged import lagged_levels, lagged_tiled
 from .options import TileOptions
+from .state import CausalState, Chunk, is_first
 
 __all__ = ["CausalState", "Segment", "Chunk", "run_segments", "stream_tiled", "stream_levels", "level_cores",
            "estimate_working_set", "is_first", "SCHEDULES", "encode_chunks", "decode_chunks", "run_chunked"]
 
-#: ``(in_start, in_end, out_start, out_end)``: a chunk's input and output frame ranges.
-Chunk = tuple[int, int, int, int]
 #: what passes between stages: a video, or a tuple of same-sized videos (a block split into stages carries its
 #: shortcut input beside its branch)
 Carry = Union[torch.Tensor, tuple[torch.Tensor, ...]]
-
-
-class CausalState:
-    """The causal state of one streamed run (one spatial tile, or one whole-frame pass): per module, the input frames
-    its next chunk needs (``cache``), and the index of the chunk being run (``chunk``; 0 is the reference's first
-    chunk, which the Wan temporal resamplers treat specially). ``None`` in place of a state means "a single first
-    frame with nothing before it" (the image case)."""
-
-    def __init__(self) -> None:
-        self.cache: dict[object, torch.Tensor] = {}
-        self.chunk = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.cache.values())
-
-
-def is_first(state: Optional[CausalState]) -> bool:
-    """Whether the chunk being run is the reference's first (always, for the image case ``state=None``)."""
-    return state is None or state.chunk == 0
 
 
 @dataclass
@@ -71,11 +51,14 @@ class Segment:
             ``fn(x [B, C, t, h, w], state) -> [B, C', t', h', w']``.
         chunks: the reference's chunk schedule for this segment's input.
         image_scale: image pixels per pixel of this segment's input (for the tile size).
+        lagged: the chain's layers may lag (non-causal in time): run by :mod:`vae_core.tiling.lagged`, frames
+            written in order (the chunks' output ranges unused but the last end: the output frame count).
     """
 
     stages: Union[list[Local], Whole]
     chunks: list[Chunk]
     image_scale: float
+    lagged: bool = False
 
 
 def _check_strides(chain: Sequence[Local], sizes: list[tuple[int, int]]) -> None:
@@ -281,7 +264,7 @@ def run_segments(segments: list[Segment], x: torch.Tensor, tile: Optional[int], 
 
     def steps(s: Segment) -> int:
         if levels:
-            return len(s.chunks) * len(s.stages)
+            return len(s.chunks) * (1 if s.lagged else len(s.stages))
         return len(s.chunks) * _tile_count(s, int(h0 * s0 / s.image_scale), int(w0 * s0 / s.image_scale), tile)
 
     total = sum(steps(s) for s in segments if isinstance(s.stages, list))
@@ -300,6 +283,15 @@ def run_segments(segments: list[Segment], x: torch.Tensor, tile: Optional[int], 
         frames_out = seg.chunks[-1][3]
         if isinstance(seg.stages, Whole):
             x, nbytes = _stream_whole(seg.stages, x, seg.chunks, frames_out, out if last else None, state_type)
+        elif seg.lagged:
+            if levels:
+                assert tile is not None
+                x, n, nbytes = lagged_levels(seg.stages, x, seg.chunks, level_cores(seg.stages, seg.image_scale, tile),
+                                             frames_out, out if last else None, step)
+            else:
+                x, n, nbytes = lagged_tiled(seg.stages, x, seg.chunks, _core_px(seg, tile, x.shape[3], x.shape[4]),
+                                            frames_out, out if last else None, step)
+            tiles = max(tiles, n)
         elif levels:
             assert tile is not None
             x, n, nbytes = stream_levels(seg.stages, x, seg.chunks, level_cores(seg.stages, seg.image_scale, tile),
@@ -335,6 +327,15 @@ def _tile_count(seg: Segment, h: int, w: int, tile: Optional[int]) -> int:
     oh, ow = _sizes(seg.stages, h, w)[-1]
     core = _core_px(seg, tile, h, w)
     return len(split(oh, core)) * len(split(ow, core))
+
+
+def _out_channels(chain: Sequence[Local], x: torch.Tensor) -> int:
+    """Channels a chain gives for input ``x`` (one frame through it on the meta device)."""
+    with torch.device("meta"):
+        t = x[:, :, :1].to("meta")
+        for st in chain:
+            t = st.fn(t, None)
+    return t.shape[1]
 
 
 def _largest_window(chain: Sequence[Local], h: int, w: int, core_px: int) -> tuple[Interval, Interval]:
@@ -383,6 +384,22 @@ def estimate_working_set(segments: list[Segment], x: torch.Tensor, tile: Optiona
                 for index, (i0, i1, _, _) in enumerate(seg.chunks[:3]):
                     probe.chunk = index
                     y = seg.stages.fn(t[:, :, i0:i1], probe)
+        elif seg.lagged:
+            # the first four chunks run as a whole clip (its end drained as a real call drains it): over the
+            # largest tile's input window (tile-major), or whole frames (untiled, and level-major, whose tiles'
+            # states and assembled stage outputs add up to about a whole-frame run's)
+            window = t
+            if schedule != "level" and tile is not None:
+                (r0, r1), (c0, c1) = _windows(seg.stages, _sizes(seg.stages, h, w),
+                                              *_largest_window(seg.stages, h, w, _core_px(seg, tile, h, w)))[0]
+                window = t[:, :, :, r0:r1, c0:c1]
+            probe_chunks = [(i0, i1, 0, 0) for i0, i1, _, _ in seg.chunks[:4]]
+            with Track():
+                _, _, nbytes = lagged_tiled(seg.stages, window, probe_chunks, 1 << 30, None)
+            state_bytes = max(state_bytes, nbytes)
+            probe = CausalState()
+            oh, ow = _sizes(seg.stages, h, w)[-1]
+            y = x.new_empty((x.shape[0], _out_channels(seg.stages, window), 1, oh, ow))
         elif schedule == "level" and tile is not None:
             probe_chunks = seg.chunks[:3]
             with Track():

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..base import Canonical, LatentFormat, LoadRequest, refuse_family
 from ..scaling import check_factors
-from ..video import VideoFamily
+from ..video import PerChannelLatents, VideoFamily
 from .convert import canonical_to_diffusers, is_wan, wan_config, wan_to_canonical
 from .fp16_fix import fp16_fix_wan
 from .model import WanConfig, WanVAE
@@ -74,7 +74,7 @@ def _latent_stats(request: LoadRequest, z: int) -> tuple[Optional[tuple], Option
     return None, None, f"none known for {z} channels"
 
 
-class WanFamily(VideoFamily):
+class WanFamily(PerChannelLatents, VideoFamily):
     """The wan family (see the module docstring)."""
 
     def diffusers_peer(self, model: nn.Module) -> bool:
@@ -107,12 +107,6 @@ class WanFamily(VideoFamily):
             sources |= {"scaling_factor": f"per-channel statistics: {src}",
                         "shift_factor": f"per-channel statistics: {src}"}
         return LatentFormat(name, 1.0, None, sources, tensors)
-
-    def scale_latents(self, model: nn.Module, fmt: LatentFormat, z: torch.Tensor) -> torch.Tensor:
-        return model.normalize(z)
-
-    def unscale_latents(self, model: nn.Module, fmt: LatentFormat, z: torch.Tensor) -> torch.Tensor:
-        return model.denormalize(z)
 
     def summary(self, model: nn.Module, fmt: LatentFormat) -> list[tuple[str, str]]:
         cfg = model.config

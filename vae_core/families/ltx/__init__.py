@@ -1,0 +1,1 @@
+"""The ltx family: the LTX-Video VAE design (network, key layouts, :mod:`.family`)."""
