@@ -348,3 +348,27 @@ def test_host_module_settings_come_from_the_module(ltx):
     z = torch.randn(1, 8, 2, 2, 3, generator=torch.Generator().manual_seed(4))
     with engine.attached() as hosted, torch.no_grad():
         assert torch.equal(hosted.decode(z), vae.decode(z))
+
+
+def test_config_settings_apply_to_the_right_blocks(tmp_path):
+    """diffusers gives one upsampler shortcut flag per up block, also to blocks without an upsampler (the 0.9.0
+    layout's first): the flags land on the right upsamplers; a non-causal encoder (a reference option no release
+    uses) and a decoder that scales time differently from the encoder are refused by name, not run wrong."""
+    from diffusers import AutoencoderKLLTX2Video, AutoencoderKLLTXVideo
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLLTXVideo(latent_channels=8, **DESIGNS["0.9.0"], upsample_residual=(True, True, True, False))
+    ref.eval().save_pretrained(tmp_path / "shifted")
+    vae = vae_core.load_vae(tmp_path / "shifted")
+    assert [b.residual for b in vae.model.config.decoder if b.kind == "d2s"] == [True, True, True]
+    z = torch.randn(1, 8, 2, 2, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (vae.model.double().decode(z.double()) - ref.double().decode(z.double()).sample).abs().max() < 1e-6
+    AutoencoderKLLTXVideo(latent_channels=8, **DESIGNS["0.9.0"], encoder_causal=False).save_pretrained(
+        tmp_path / "acausal")
+    with pytest.raises(vae_core.VaeLoadError, match="encoder_causal: false"):
+        vae_core.load_vae(tmp_path / "acausal")
+    AutoencoderKLLTX2Video(latent_channels=8, **DESIGNS["2"], upsample_type=("spatial", "temporal", "spatiotemporal")
+                           ).save_pretrained(tmp_path / "uneven")
+    with pytest.raises(vae_core.VaeLoadError, match="a decoder that scales time by 4 and an encoder by 8"):
+        vae_core.load_vae(tmp_path / "uneven")

@@ -278,8 +278,9 @@ class Vae:
                cache_bytes: tiling.CacheArg = "auto", report: Optional[tiling.TileReport] = None,
                schedule: str = "auto") -> torch.Tensor:
         """Raw latents ``[B, C, h, w]`` → images ``[B, 3, 8h, 8w]`` float32, about [-1, 1] (not clamped). Video
-        families: ``[B, C, T, h, w]`` → ``[B, 3, 1 + 4(T − 1), f·h, f·w]`` (Wan clamps to [-1, 1], as its
-        reference does); ``schedule`` as in :meth:`encode`."""
+        families: ``[B, C, T, h, w]`` → ``[B, 3, 1 + ft·(T − 1), f·h, f·w]`` (``ft`` 4, LTX 8; Wan clamps to
+        [-1, 1], as its reference does; LTX's timestep-conditioned decoders mix in noise drawn from seed 0);
+        ``schedule`` as in :meth:`encode`."""
         z = self._check(z, "decode input", self.info.latent_channels, 1)
         opts = tiling.TileOptions(tile=tile, mode=mode, progress=progress, cancel=cancel, cache_bytes=cache_bytes,
                                   report=report, schedule=schedule)

@@ -49,7 +49,7 @@ class Rounds:
 
     def put(self, i: int, t: torch.Tensor) -> None:
         q = self.queues[i]
-        self.queues[i] = t if q is None else torch.cat([q, t], 2)
+        self.queues[i] = t if q is None or not q.shape[2] else torch.cat([q, t], 2)
 
     def take(self, i: int) -> Optional[tuple[torch.Tensor, bool]]:
         """``(frames, final)`` for stage ``i`` this round, or None when it has nothing to do."""
@@ -67,7 +67,9 @@ class Rounds:
         assert q is not None or final
         if q is None:
             return None, final  # type: ignore[return-value]
-        piece, self.queues[i] = q[:, :, :n], q[:, :, n:]
+        # what stays is copied (a view would keep the whole input of the round alive); an emptied queue holds nothing
+        piece, self.queues[i] = q[:, :, :n], (q[:, :, n:].clone() if n < avail else q.new_empty((*q.shape[:2], 0,
+                                                                                                 *q.shape[3:])))
         return piece, final
 
 
@@ -144,8 +146,8 @@ def lagged_tiled(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], c
                  ) -> tuple[torch.Tensor, int, int]:
     """Tile-major: each spatial tile runs ``chain`` through every chunk (and the drain) with its own state.
 
-    Returns ``(output [B, C', frames_out, H', W'], tiles, largest state bytes)`` (``frames_out`` None: no output,
-    a measuring run); ``step()`` after every chunk of every tile."""
+    Returns ``(output [B, C', frames_out, H', W'], tiles, the largest state's peak bytes)`` (``frames_out`` None: no
+    output, a measuring run); ``step()`` after every chunk of every tile."""
     sizes = _sizes(chain, x.shape[3], x.shape[4])
     oh, ow = sizes[-1]
     rows, cols = split(oh, core_px), split(ow, core_px)
@@ -154,7 +156,7 @@ def lagged_tiled(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], c
     for r in rows:
         for c in cols:
             needs = _windows(chain, sizes, r, c)
-            state, rounds = CausalState(), Rounds(len(chain))
+            state, rounds, peaks = CausalState(), Rounds(len(chain)), [0]
 
             def run(i: int, piece: Optional[torch.Tensor], final: bool) -> torch.Tensor:
                 (r0, r1), (c0, c1) = needs[i]
@@ -165,6 +167,7 @@ def lagged_tiled(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], c
                     if piece is None:
                         raise RuntimeError(f"stage {i} finished before any frame reached it")
                 y = st.fn(piece, state)
+                peaks[0] = max(peaks[0], state.nbytes)  # shortcut queues fill mid-clip, empty at its end
                 s0, s1 = st.out_start(r0), st.out_start(c0)
                 (q0, q1), (p0, p1) = needs[i + 1]
                 return y[:, :, :, q0 - s0:q1 - s0, p0 - s1:p1 - s1]
@@ -180,7 +183,7 @@ def lagged_tiled(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], c
                 _drain(rounds, run, emit, until_done=last)
                 if step is not None:
                     step()
-            peak = max(peak, state.nbytes)
+            peak = max(peak, peaks[0])
             del state, rounds
     return writer.check(), len(rows) * len(cols), peak
 
@@ -191,7 +194,8 @@ def lagged_levels(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], 
     """Level-major: per round, each stage runs tile by tile over whole frames (tiles of ``cores[i]`` output px,
     each with its own state) on what it takes from its queue.
 
-    Returns ``(output, tiles of the largest stage, bytes of all states)``; ``step()`` after every chunk."""
+    Returns ``(output, tiles of the largest stage, the most bytes all states held at once)``; ``step()`` after every
+    chunk."""
     sizes = _sizes(chain, x.shape[3], x.shape[4])
     grids = []
     for i, st in enumerate(chain):
@@ -202,6 +206,7 @@ def lagged_levels(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], 
     oh, ow = sizes[-1]
     writer = _Writer(out, x.shape[0], frames_out, oh, ow)
     rounds = Rounds(len(chain))
+    held, peak = [0] * len(chain), [0]  # state bytes per stage (all its tiles), the most of their sum
 
     def run(i: int, piece: Optional[torch.Tensor], final: bool) -> torch.Tensor:
         st, (h, w) = chain[i], sizes[i + 1]
@@ -219,6 +224,8 @@ def lagged_levels(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], 
             y[:, :, :, r[0]:r[1], c[0]:c[1]] = o[:, :, :, r[0] - a:r[1] - a, c[0] - b:c[1] - b]
             del o
         assert y is not None
+        held[i] = sum(s.nbytes for s in states[i])
+        peak[0] = max(peak[0], sum(held))
         return y
 
     def emit(y: torch.Tensor) -> None:
@@ -234,4 +241,4 @@ def lagged_levels(chain: Sequence[Local], x: torch.Tensor, chunks: list[Chunk], 
         _drain(rounds, run, emit, until_done=last)
         if step is not None:
             step()
-    return writer.check(), max(len(g) for g in grids), sum(s.nbytes for row in states for s in row)
+    return writer.check(), max(len(g) for g in grids), peak[0]

@@ -300,7 +300,16 @@ def ltx_config(sd: Mapping[str, torch.Tensor], layout: str, path: object = "<sta
                            f"at most {MAX_LATENT_CHANNELS} and {MAX_IMAGE_CHANNELS}")
     residual = cfg.get("upsample_residual")
     if residual is not None:
-        residual = [bool(r) for r in reversed(list(residual))]  # diffusers lists them encoder-side first
+        # diffusers: one flag per up block (a bool for all), listed from the output end; only blocks with an
+        # upsampler (decoder_spatio_temporal_scaling) have one to apply it to
+        scaling = cfg.get("decoder_spatio_temporal_scaling")
+        n = len(scaling) if isinstance(scaling, (list, tuple)) else None
+        flags = [bool(residual)] * (n or 0) if isinstance(residual, bool) else [bool(r) for r in residual]
+        if isinstance(scaling, (list, tuple)):
+            flags = [f for f, up in zip(flags, scaling) if up]
+        elif isinstance(scaling, bool) and not scaling:
+            flags = []
+        residual = flags[::-1]
     else:
         blocks = cfg.get("decoder_blocks") or cfg.get("blocks")
         if isinstance(blocks, list):
@@ -310,6 +319,8 @@ def ltx_config(sd: Mapping[str, torch.Tensor], layout: str, path: object = "<sta
                         and isinstance(b[1], dict)] or None
     sources["upsample_residual"] = "config" if residual is not None else \
         "shapes (a shortcut where an upsampler halves the width: every release since 0.9.1)"
+    if cfg.get("encoder_causal") is False:  # the reference's option; every release encodes causally
+        raise VaeLoadError(path, "encoder_causal: false in its config", "a causal encoder (every released LTX VAE)")
     encoder = _blocks(sd, "encoder", enc_out[1], None, path)
     decoder = _blocks(sd, "decoder", dec_out[1], residual, path)
     conditioned = "decoder.timestep_scale_multiplier" in sd
@@ -338,6 +349,13 @@ def ltx_config(sd: Mapping[str, torch.Tensor], layout: str, path: object = "<sta
     patch = int((conv_in[1] // 3) ** 0.5) if conv_in[1] % 3 == 0 else 4
     if patch * patch * 3 != conv_in[1]:
         raise VaeLoadError(path, f"encoder.conv_in taking {conv_in[1]} channels", "3·p² (RGB in p×p patches)")
+    ups = [b.stride for b in decoder if b.kind == "d2s"]
+    downs = [b.stride for b in encoder if b.kind in ("conv", "s2d")]
+    for axis, name in ((0, "time"), (1, "space")):
+        up, down = 2 ** sum(s[axis] == 2 for s in ups), 2 ** sum(s[axis] == 2 for s in downs)
+        if up != down:
+            raise VaeLoadError(path, f"a decoder that scales {name} by {up} and an encoder by {down}",
+                               f"the same factor in {name} both ways (every released LTX VAE)")
     return LTXConfig(encoder=encoder, decoder=decoder, patch=patch, z_dim=z, in_channels=3,
                      out_channels=dec_out[0] // (patch * patch),
                      log_var="uniform" if enc_out[0] == z + 1 else "per_channel", conditioned=conditioned,
