@@ -171,6 +171,7 @@ def test_exact_against_diffusers_whole_clip(design, frames, tmp_path):
         z = post.mean + 0.5 * torch.randn_like(post.mean)
         want = _reference_decode(ref, z) if model.config.conditioned else ref.decode(z).sample
         assert (model.decode(z) - want).abs().max() < 1e-4
+        assert (model.whole_clip("decode", *model.decode_context(z)) - want).abs().max() < 1e-4  # no state at all
         if frames == 1:
             assert (model.encode(x[:, :, 0]) - got[:, :, 0]).abs().max() < 1e-5
     with torch.no_grad():  # and the public call in fp32, against our own float64 run
