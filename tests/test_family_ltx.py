@@ -329,9 +329,11 @@ LTX_MEMORY = {"family": "ltx", "release": {"version": "0.9.0", "width_div": 8, "
 
 def test_memory_grows_with_the_tile_not_the_frame_or_the_clip():
     """Narrow 0.9.0 widths, 128-px tiles, decode: peak RSS at 4× the area and 2× the frames grows < 1.5× tiled
-    (tile-major), while the untiled (streamed) call's grows more than 1.5× at 9× the area, so the test can fail."""
+    (tile-major), while the untiled (streamed) call's grows more than 1.5× at 16× the area, so the test can fail
+    (measured 81 → 82 MB and 81 → 204 MB; at these widths every call holds ~80 MB of conv3d workspace, so 9× the
+    area grew the untiled peak only 1.46×)."""
     small, big = (peak_in_subprocess(LTX_MEMORY, "decode", f, s, "tiled") for f, s in ((17, 128), (33, 256)))
-    un_small, un_big = (peak_in_subprocess(LTX_MEMORY, "decode", 17, s, "untiled") for s in (128, 384))
+    un_small, un_big = (peak_in_subprocess(LTX_MEMORY, "decode", 17, s, "untiled") for s in (128, 512))
     assert big["peak"] < 1.5 * small["peak"], (small, big)
     assert un_big["peak"] > 1.5 * un_small["peak"], (un_small, un_big)
 
