@@ -99,11 +99,15 @@ class LTXFamily(PerChannelLatents, VideoFamily):
     def check_sides(self, model: nn.Module, t: torch.Tensor, kind: str) -> None:
         model.check_video(t, kind)
 
-    def video_plan_for(self, model: nn.Module, kind: str, t: torch.Tensor, moments: bool) -> list:
+    def _plan(self, model: nn.Module, kind: str, t: torch.Tensor, moments: bool) -> tuple[torch.Tensor, list]:
+        """``(what the plan runs on, the plan)``: a decode runs on the latents its noise was mixed into."""
         if kind == "decode":
             z, ctx = model.decode_context(t)
-            return model.video_plan("decode", z.shape[2], ctx=ctx)
-        return model.video_plan("encode", t.shape[2], moments)
+            return z, model.video_plan("decode", z.shape[2], ctx=ctx)
+        return t, model.video_plan("encode", t.shape[2], moments)
+
+    def video_plan_for(self, model: nn.Module, kind: str, t: torch.Tensor, moments: bool) -> list:
+        return self._plan(model, kind, t, moments)[1]
 
     def tiled(self, kind: str):
         """Images as one-frame videos; videos by the lagged streamed plan (the decode's noise drawn first)."""
@@ -114,12 +118,8 @@ class LTXFamily(PerChannelLatents, VideoFamily):
             model.check_video(v, kind)
             schedule = (opts.schedule if opts.schedule != "auto"
                         else self.video_schedule(model, kind, v, tile, opts.cache_bytes))
-            if kind == "decode":
-                v, ctx = model.decode_context(v)
-                plan = model.video_plan("decode", v.shape[2], ctx=ctx)
-            else:
-                plan = model.video_plan("encode", v.shape[2], opts.moments)
-            y = run_segments(plan, v, tile, opts, schedule=schedule)
+            src, plan = self._plan(model, kind, v, opts.moments)
+            y = run_segments(plan, src, tile, opts, schedule=schedule)
             return y.squeeze(2) if t.dim() == 4 else y
         return run
 

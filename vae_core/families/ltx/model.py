@@ -249,9 +249,12 @@ class LTXVAE(nn.Module):
         A timestep-conditioned decoder mixes noise into the latents as ComfyUI does (``(1 − s)·z + s·n`` on the
         normalised latents, ``s = noise_scale``, default the config's 0.025) and takes ``timestep`` (default 0.05).
         Its noise, then each noise-injecting block's two whole-frame maps in the reference's order, come from
-        ``generator`` (default: a CPU generator seeded with ``seed``), drawn on the CPU in ``z``'s dtype (as the
-        references draw them in their activations' dtype)."""
+        ``generator`` (default: a CPU generator seeded with ``seed``), drawn on the CPU in float32 and cast (float64
+        for float64 latents, as the references draw in their activations' dtype; in fp16/bf16 their generators
+        would draw other numbers, so a seed would not give the same video at another precision)."""
         cfg, ctx = self.config, DecodeContext()
+        # a seed means one noise at every precision: half-precision generators draw other numbers, not rounded ones
+        draw = torch.float64 if z.dtype == torch.float64 else torch.float32
         g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
         if not cfg.conditioned:
             if timestep is not None or noise_scale:
@@ -262,7 +265,7 @@ class LTXVAE(nn.Module):
             if not 0.0 <= s <= 1.0:
                 raise VaeInputError(f"noise_scale={s}: expected a value in [0, 1]")
             if s:
-                n = torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)
+                n = torch.randn(z.shape, generator=g, dtype=draw).to(z)
                 mean, std = self._stats(z)
                 z = (1 - s) * z + s * (n * std + mean)
             t = torch.full((z.shape[0],), cfg.decode_timestep if timestep is None else float(timestep),
@@ -280,8 +283,7 @@ class LTXVAE(nn.Module):
             blocks = m.res_blocks if spec.kind == "res" else [m] if spec.kind == "res_xy" else []
             for rb in blocks:
                 if hasattr(rb, "per_channel_scale1"):
-                    ctx.noise[rb] = tuple(torch.randn((h, w), generator=g, dtype=z.dtype).to(z.device)
-                                          for _ in range(2))
+                    ctx.noise[rb] = tuple(torch.randn((h, w), generator=g, dtype=draw).to(z) for _ in range(2))
             if spec.kind == "d2s":
                 h, w = h * spec.stride[1], w * spec.stride[2]
         return z, ctx
