@@ -61,10 +61,14 @@ class EngineFirstStage(torch.nn.Module):
 def comfy_knows(vae: Vae) -> bool:
     """Whether the running ComfyUI builds this VAE itself: SD-family kl-f8 always; a TAESD with both halves (ComfyUI
     would fill a missing half with random weights) but not TAEF2 (its pool blocks are newer than ComfyUI's TAESD);
+    HunyuanVideo 1.0 at its released widths (ComfyUI's keys are ours; its mid-block attention is unmasked);
     Flux.2's (latent BatchNorm) only in versions whose VAE loader knows ``bn.running_mean`` (v0.3.64 does not)."""
     cfg = vae.model.config
     if vae.family.name == "tiny":  # TAEF2's pool blocks: not in v0.3.64's TAESD (engine VAE)
         return cfg.has_encoder and cfg.has_decoder and not cfg.pool
+    if vae.family.name == "hv10":  # core builds HunyuanVideo 1.0 at the released widths only (its latents: any)
+        return (cfg.block_out_channels, cfg.num_res_blocks, cfg.norm_groups, cfg.in_channels, cfg.out_channels,
+                cfg.temporal_scale) == ((128, 256, 512, 512), 2, 32, 3, 3, 4)
     if vae.family.name != "kl":
         return False  # Qwen-Image: v0.3.64's Wan VAE assumes Wan's widths and video (5-D) latents
     if not vae.model.config.latent_bn:
@@ -128,7 +132,7 @@ def to_comfy_vae(vae: Vae) -> Any:
         cvae = comfy.sd.VAE(sd=sd)
         cvae.throw_exception_if_invalid()
         return cvae
-    kwargs: dict[str, Any] = {"sd": sd, "config": comfy_config(vae)}
+    kwargs: dict[str, Any] = {"sd": sd, "config": comfy_config(vae) if vae.family.name == "kl" else None}
     if "metadata" in inspect.signature(comfy.sd.VAE.__init__).parameters:
         kwargs["metadata"] = {"vae_pack.family": vae.info.family}
     cvae = comfy.sd.VAE(**kwargs)

@@ -279,6 +279,41 @@ def test_flip_sample_and_musubi_export_of_a_video_vae_cache(tmp_path):
     assert code == 2  # kohya has no Wan architecture
 
 
+def test_hunyuanvideo_cache_exports_to_musubis_hv_architecture(tmp_path):
+    """A HunyuanVideo 1.0 VAE's scaled-latent cache of a clip (whole-clip encode) exports under musubi-tuner's ``hv``
+    / ``hunyuan_video`` names, latents × 0.476986."""
+    from safetensors import safe_open
+    from test_family_hv10 import reference
+    from vae_core.io.video import save_video
+
+    ref = reference()
+    ref.save_pretrained(tmp_path / "hv")
+    vae_file = tmp_path / "hunyuan_video_vae.safetensors"
+    vae_core.save_vae(vae_core.load_vae(tmp_path / "hv"), vae_file)
+    data = tmp_path / "clips"
+    data.mkdir()
+    clip = torch.rand(1, 3, 5, 64, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    save_video(clip, data / "clip.mp4", fps=16)
+    out = tmp_path / "cache"
+    done = _cache(data, "--vae", vae_file, "-o", out, "--latents", "scaled", "--no-buckets")
+    assert done.returncode == 0, done.stderr
+    export = tmp_path / "musubi"
+    assert main(["cache-export", str(out), "--to", "musubi", "-o", str(export)]) == 0
+    f = export / "clip_00000-005_0096x0064_hv.safetensors"
+    z = load_file(str(f))["latents_2x8x12_float32"]
+    with safe_open(str(f), "pt") as fh:
+        assert fh.metadata()["architecture"] == "hunyuan_video"
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        member = json.loads((out / "shard-000000.jsonl").read_text().splitlines()[0])["member"]
+        cached = load(tar.extractfile(member + ".safetensors").read())["latents"]
+    assert z.shape == (4, 2, 8, 12) and torch.equal(z, cached)
+    from vae_core.io.video import load_video
+
+    with torch.no_grad():  # the clip as decoded from the file, encoded whole, scaled
+        want = vae_core.load_vae(vae_file).encode(load_video(data / "clip.mp4")[0]) * 0.476986
+    assert (z - want[0]).abs().max() < 1e-4
+
+
 def test_nan_latents_after_the_guard_are_recorded_not_zeroed(dataset, tmp_path):
     from vae_core.families.kl.fp16_fix import rescale_stream, stream_segments
 

@@ -85,6 +85,7 @@ def server(tmp_path_factory):
     _hv15().save_pretrained(base / "hv15-diffusers")  # v0.3.64 predates HunyuanVideo 1.5: an engine video VAE
     vae_core.save_vae(vae_core.load_vae(base / "hv15-diffusers"), base / "models" / "vae" / "hunyuanvideo15_vae.safetensors")
     save_file(_ltx_full_size(), str(base / "models" / "vae" / "ltxv-0.9.0-random.safetensors"))
+    save_file(_hv10_full_size(), str(base / "models" / "vae" / "hunyuan-video-random.safetensors"))
     from test_family_ltx import reference as _ltx
 
     _ltx("2").save_pretrained(base / "ltx2-diffusers")  # v0.3.64 predates LTX-2: an engine video VAE
@@ -154,6 +155,25 @@ def _qwen_full_size() -> dict:
             out[k] = (torch.randn(shape, generator=g) / fan_in ** 0.5).half()
         else:
             out[k] = torch.zeros(shape, dtype=torch.float16)
+    return out
+
+
+def _hv10_full_size() -> dict:
+    """A random HunyuanVideo 1.0 VAE at its real widths (246 M parameters, fp16: 493 MB) in ComfyUI's layout:
+    v0.3.64's VAELoader builds it at those widths only (GroupNorm gains 1)."""
+    from vae_core.families.hv10.model import HV10Config, HV10VAE
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in HV10VAE(HV10Config()).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for k, shape in shapes.items():
+        if len(shape) > 1:  # fan-in scaled: a non-trivial image
+            out[k] = (torch.randn(shape, generator=g) / int(torch.tensor(shape[1:]).prod()) ** 0.5).half()
+        elif "norm" in k and k.endswith("weight"):
+            out[k] = torch.ones(shape, dtype=torch.float16)
+        else:
+            out[k] = (torch.randn(shape, generator=g) * 0.05).half()
     return out
 
 
@@ -500,7 +520,7 @@ def _clip_graph(loader: str, vae_name: str, frames: int, tile: int,
 def _check_clip(base: Path, outputs: dict, shape: tuple[int, ...]) -> np.ndarray:
     """Our tiled decode and encode of a :func:`_clip_graph` equal core's VAE Decode within 1/255 on every frame, over
     several tiles; returns core's frames."""
-    found = re.search(r"stream(-levels)? tiling, (\d+) tiles", outputs["11"]["text"][0])
+    found = re.search(r"(stream|stream-levels|clip-ops) tiling, (\d+) tiles", outputs["11"]["text"][0])
     assert found and int(found.group(2)) >= 2, outputs["11"]
     core = _saved_frames(base, outputs, "s9")
     assert core.shape == shape and core.std() > 5
@@ -582,6 +602,27 @@ def test_ltx_video_from_core_loader_runs_exact_streamed_tiling(server):
     outputs = _run(url, base, graph)
     core = _check_clip(base, outputs, (9, 128, 192, 3))
     _peer(base, outputs, core, "LTX-Video, core VAE Decode (Tiled), 128 px / 32 overlap, 8 frames / 4")
+
+
+def test_hv10_video_from_core_loader_runs_exact_tiling(server):
+    """A full-width HunyuanVideo 1.0 VAE built by core's VAELoader (core's AutoencoderKL with 3-D convs, unmasked
+    mid-block attention, whole-clip GroupNorm) on a 9-frame clip: our tiled decode of core's 3-latent-frame encode
+    gives core VAE Decode's 9 frames, and our tiled encode decodes (by core) to the same frames, all within 1/255 —
+    the whole-clip statistics pooled over our pieces, the attention unmasked as core's module says; core's VAE
+    Decode (Tiled) runs alongside as the peer (printed). Our Load VAE gives core's own VAE for the same file."""
+    url, _, base = server
+    graph = _clip_graph("VAELoader", "hunyuan-video-random.safetensors", 9, 64, (192, 128)) | _core_tiled(64, 32)
+    graph |= {"20": {"class_type": "VaePackLoader", "inputs": {"vae_name": "hunyuan-video-random.safetensors"}},
+              "21": {"class_type": "PreviewAny", "inputs": {"source": ["20", 1]}},
+              "22": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["20", 0]}},
+              "s22": {"class_type": "SaveImage", "inputs": {"images": ["22", 0], "filename_prefix": "clip-22"}}}
+    outputs = _run(url, base, graph)
+    core = _check_clip(base, outputs, (9, 128, 192, 3))
+    assert "clip-ops" in outputs["11"]["text"][0]
+    # our Load VAE hands the released widths to core's own HunyuanVideo VAE: core VAE Decode on it is core's decode
+    assert "hunyuanvideo" in outputs["21"]["text"][0], outputs["21"]
+    assert np.abs(_saved_frames(base, outputs, "s22") - core).max() <= 1.0
+    _peer(base, outputs, core, "HunyuanVideo 1.0, core VAE Decode (Tiled), 64 px / 32 overlap, 8 frames / 4")
 
 
 def test_ltx2_video_through_our_loader_into_core_and_tiled_nodes(server):

@@ -1,6 +1,6 @@
 """vae_core: a host-free library to load, run, tile and fix image and video VAEs: SD1/2, SDXL, SD3, Flux, Flux.2,
-Qwen-Image, Wan 2.1/2.2, HunyuanVideo 1.5 and the tiny autoencoders (TAESD family): one folder per network family
-(``vae_core.families``), listed in ``vae_core.REGISTRY``.
+Qwen-Image, Wan 2.1/2.2, HunyuanVideo 1.0/1.5, LTX-Video/LTX-2 and the tiny autoencoders (TAESD family): one folder
+per network family (``vae_core.families``), listed in ``vae_core.REGISTRY``.
 
 Imports only the standard library, torch, safetensors, numpy and PIL; never ComfyUI or A1111.
 

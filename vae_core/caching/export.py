@@ -46,7 +46,7 @@ KOHYA_ARCH = {"sd1": ("sd", "raw"), "sd2": ("sd", "raw"), "sdxl": ("sdxl", "raw"
               "flux": ("flux", "scaled")}
 #: cache family → (musubi short arch, full arch name)
 MUSUBI_ARCH = {"wan2.1": ("wan", "wan"), "wan2.2": ("wan", "wan"), "qwen-image": ("qi", "qwen_image"),
-               "hunyuanvideo1.5": ("hv15", "hunyuan_video_1_5")}
+               "hunyuanvideo1.5": ("hv15", "hunyuan_video_1_5"), "hunyuanvideo": ("hv", "hunyuan_video")}
 
 
 class ExportResult(list):

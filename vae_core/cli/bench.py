@@ -106,6 +106,10 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+#: how the bench names a family's video schedules (:attr:`~vae_core.families.video.VideoFamily.video_schedules`)
+SCHEDULE_LABELS = {"level": "level-major", "tile": "tile-major", "auto": "op by op (whole-clip statistics)"}
+
+
 def _bench_video(args: argparse.Namespace) -> int:
     """``bench --frames N``: one table per op and size for a video VAE (see the module docstring)."""
     import importlib.util
@@ -120,7 +124,7 @@ def _bench_video(args: argparse.Namespace) -> int:
     family = for_config(config)
     if not family.video:
         raise VaeInputError(f"--frames {frames} with {args.vae}: {family.label}, which takes images only; expected a "
-                            "video VAE (Wan 2.1 / 2.2, HunyuanVideo 1.5, LTX-Video)")
+                            "video VAE (Wan 2.1 / 2.2, HunyuanVideo 1.0 / 1.5, LTX-Video)")
     if frames < 1 or (frames - 1) % config.temporal_scale:
         raise VaeInputError(f"--frames {frames}: expected 1 + {config.temporal_scale}k frames "
                             f"(1, {1 + config.temporal_scale}, {1 + 2 * config.temporal_scale}, ...)")
@@ -133,8 +137,8 @@ def _bench_video(args: argparse.Namespace) -> int:
     machine = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {os.cpu_count()} threads"
     print(f"# vae_core bench: {label}; {frames} frames; {args.dtype} on {machine}; torch {torch.__version__}; tile "
           f"{args.tile} px; cache {args.cache_bytes}; median of {args.runs} run(s)")
-    impls = [("untiled (streamed reference)", "untiled", None), ("vae_core exact, level-major", "ours", "level"),
-             ("vae_core exact, tile-major", "ours", "tile")]
+    impls = [(f"untiled ({family.video_reference})", "untiled", None)]
+    impls += [(f"vae_core exact, {SCHEDULE_LABELS[s]}", "ours", s) for s in family.video_schedules]
     if importlib.util.find_spec("diffusers") is not None:  # diffusers has every video family here
         impls += [("diffusers untiled", "diffusers-untiled", None), ("diffusers tiled", "diffusers", None)]
     mem_label = "peak alloc" if device == "cuda" else "peak RSS"
@@ -186,7 +190,8 @@ def add_bench_parser(sub: Any) -> None:
                    help="image edges (default 1024 2048 4096 on CUDA, 256 512 on CPU); with --frames, N or WxH "
                         "(default 1280x720 on CUDA, 256 on CPU)")
     s.add_argument("--frames", type=int, default=None,
-                   help="benchmark a video VAE (Wan, HunyuanVideo 1.5, LTX-Video) on clips of this many frames (1 + 4k; "
+                   help="benchmark a video VAE (Wan, HunyuanVideo 1.0 / 1.5, LTX-Video) on clips of this many frames "
+                        "(1 + 4k; "
                         "LTX-Video: 1 + 8k); "
                         "default model: a "
                         "random-weight Wan 2.1 VAE at its real widths")

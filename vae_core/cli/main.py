@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("encode", help="image or video -> raw latent .safetensors")
     s.add_argument("image", help="8/16-bit or float image (EXIF orientation applied, alpha dropped, first frame); "
-                   "for video VAEs (Wan, HunyuanVideo 1.5, LTX-Video) also a folder of numbered frames or an "
+                   "for video VAEs (Wan, HunyuanVideo 1.0 / 1.5, LTX-Video) also a folder of numbered frames or an "
                    ".mp4/.webm/.mov/.mkv file (PyAV), 1 + 4k frames (LTX-Video: 1 + 8k)")
     s.add_argument("-o", "--output", required=True, help="a .safetensors latent file")
     _add_run_args(s)

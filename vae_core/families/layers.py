@@ -1,4 +1,4 @@
-"""Building blocks several families share (the kl mid block, the Wan and HunyuanVideo 1.5 mid blocks): attention
+"""Building blocks several families share (the kl mid block, the Wan and HunyuanVideo 1.0 and 1.5 mid blocks): attention
 over every latent pixel, with queries in chunks so the score matrix never materialises whole, and cancel checks
 between chunks; the RMS norm over channels of the Wan and HunyuanVideo 1.5 designs.
 
@@ -15,7 +15,8 @@ from torch import nn
 
 from ..progress import ATTENTION_HOOK
 
-__all__ = ["attention", "RMSNorm", "sdpa_is_fused", "ATTENTION_LOG_FLOPS", "ATTENTION_CHUNK_BYTES", "ATTENTION_CHUNK_FLOPS"]
+__all__ = ["attention", "frame_attention", "RMSNorm", "sdpa_is_fused", "ATTENTION_LOG_FLOPS", "ATTENTION_CHUNK_BYTES",
+           "ATTENTION_CHUNK_FLOPS"]
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +110,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
         return y * self.scale * self.gamma.view(-1, *([1] * (x.dim() - 2)))
+
+
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, causal: bool,
+                    first: int = 0) -> torch.Tensor:
+    """Attention of queries ``q [B, n·P, C]`` (frames ``first .. first + n`` of ``P`` tokens each) over keys/values
+    ``[B, T·P, C]`` of all ``frames`` frames; with ``causal`` a query of frame t sees frames 0..t only."""
+    if not causal:
+        return attention(q, k, v)
+    per = k.shape[1] // frames
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    for i in range(q.shape[1] // per):
+        end = (first + i + 1) * per
+        out[:, i * per:(i + 1) * per] = attention(q[:, i * per:(i + 1) * per], k[:, :end], v[:, :end])
+    return out

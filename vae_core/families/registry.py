@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import VaeInputError
 from .base import Family
+from .hv10.family import HV10
 from .hv15.family import HV15
 from .kl.family import KL
 from .ltx.family import LTX
@@ -22,8 +23,9 @@ from .wan.family import WAN
 __all__ = ["REGISTRY", "detect", "for_model", "for_config", "by_name"]
 
 #: Every family, in detection order (the most specific key patterns first: HunyuanVideo 1.5's diffusers keys share
-#: ``mid_block.resnets.0.norm1.gamma`` with Wan's, so hv15 asks first; LTX's norms have no weights at all).
-REGISTRY: tuple[Family, ...] = (TINY, HV15, LTX, WAN, KL)
+#: ``mid_block.resnets.0.norm1.gamma`` with Wan's, so hv15 asks first; LTX's norms have no weights at all; HunyuanVideo
+#: 1.0 has the SD VAE's names with 5-D convs under ``.conv``, which kl's keys never have).
+REGISTRY: tuple[Family, ...] = (TINY, HV15, LTX, HV10, WAN, KL)
 
 
 def detect(sd: Mapping[str, torch.Tensor]) -> Family:
@@ -46,13 +48,14 @@ def for_model(model: nn.Module) -> Family:
 
 
 def for_config(config: Any) -> Family:
-    """The family of a network config (``ModelConfig``, ``WanConfig``, ``HV15Config``, ``TinyConfig``;
+    """The family of a network config (``ModelConfig``, ``WanConfig``, ``HV15Config``, ``HV10Config``, ``LTXConfig``,
+    ``TinyConfig``;
     VaeInputError: none)."""
     return _find(config, "config_type", "config")
 
 
 def by_name(name: str) -> Family:
-    """The family called ``name`` (``"kl"``, ``"wan"``, ``"hv15"``, ``"ltx"``, ``"tiny"``)."""
+    """The family called ``name`` (``"kl"``, ``"wan"``, ``"hv15"``, ``"hv10"``, ``"ltx"``, ``"tiny"``)."""
     for f in REGISTRY:
         if f.name == name:
             return f

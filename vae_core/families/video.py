@@ -27,6 +27,9 @@ class VideoFamily(HaloFamily):
     stages at latent resolution) as well as images."""
 
     video = True
+    #: the schedules of its exact tiling (``schedule=``), and what its untiled call is (for the bench's table)
+    video_schedules: tuple[str, ...] = ("level", "tile")
+    video_reference = "streamed reference"
 
     def check_video(self, model: nn.Module, t: torch.Tensor, kind: str) -> None:
         model.check_video(t, kind)

@@ -35,12 +35,13 @@ class StatsAccumulator:
         self._err: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # Kahan compensation (float32 only)
 
     def add(self, x: torch.Tensor, groups: int) -> None:
-        """Add the pixels of ``x`` ``[B, C, h, w]`` (any float dtype) to the statistics of its ``groups`` groups."""
+        """Add the pixels of ``x`` ``[B, C, h, w]`` or ``[B, C, t, h, w]`` (any float dtype; float64 kept, the others
+        reduced in float32) to the statistics of its ``groups`` groups."""
         v = x.reshape(x.shape[0], groups, -1)
         cnt = float(v.shape[-1])
         if cnt == 0:
             return
-        var, mean = torch.var_mean(v.float(), dim=-1, unbiased=False)
+        var, mean = torch.var_mean(v if v.dtype == torch.float64 else v.float(), dim=-1, unbiased=False)
         dtype = stats_dtype(x.device)
         mean, m2 = mean.to(dtype), var.to(dtype) * cnt
         if self.mean is None or self.m2 is None:
@@ -78,7 +79,7 @@ def _kahan(total: torch.Tensor, err: torch.Tensor, inc: torch.Tensor) -> tuple[t
 
 
 def apply_norm(m: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """GroupNorm ``m`` of ``x`` ``[B, C, h, w]`` with given per-(batch, group) ``mean``/``var``: one fused
+    """GroupNorm ``m`` of ``x`` ``[B, C, h, w]`` (or ``[B, C, t, h, w]``) with given per-(batch, group) ``mean``/``var``: one fused
     multiply-add (scale and shift computed in the statistics' dtype, float64 where the device has it).
 
     In fp32 the multiply-add runs in place of a copy of ``x``'s dtype. In fp16/bf16 it runs in float32 and the result
@@ -95,8 +96,9 @@ def apply_norm(m: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.
         w, b = m.weight.to(dtype), m.bias.to(dtype)
         scale, shift = scale * w, shift * w + b
     work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    scale = scale.to(x.device, work)[..., None, None]
-    shift = shift.to(x.device, work)[..., None, None]
+    spread = (...,) + (None,) * (x.dim() - 2)  # [B, C] over the pixel (and frame) axes
+    scale = scale.to(x.device, work)[spread]
+    shift = shift.to(x.device, work)[spread]
     if work == x.dtype:
         return torch.addcmul(shift, x, scale)
     return torch.addcmul(shift, x.to(work), scale).to(x.dtype)
