@@ -66,9 +66,10 @@ def comfy_knows(vae: Vae) -> bool:
     cfg = vae.model.config
     if vae.family.name == "tiny":  # TAEF2's pool blocks: not in v0.3.64's TAESD (engine VAE)
         return cfg.has_encoder and cfg.has_decoder and not cfg.pool
-    if vae.family.name == "hv10":  # core builds HunyuanVideo 1.0 at the released widths only (its latents: any)
+    if vae.family.name == "hv10":  # core builds HunyuanVideo 1.0 at the released widths only (32 latent channels
+        # would send the file to its HunyuanImage refiner VAE)
         return (cfg.block_out_channels, cfg.num_res_blocks, cfg.norm_groups, cfg.in_channels, cfg.out_channels,
-                cfg.temporal_scale) == ((128, 256, 512, 512), 2, 32, 3, 3, 4)
+                cfg.temporal_scale, cfg.z_dim) == ((128, 256, 512, 512), 2, 32, 3, 3, 4, 16)
     if vae.family.name != "kl":
         return False  # Qwen-Image: v0.3.64's Wan VAE assumes Wan's widths and video (5-D) latents
     if not vae.model.config.latent_bn:

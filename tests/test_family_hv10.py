@@ -136,8 +136,8 @@ def test_attention_mask_follows_the_host(hv, monkeypatch):
     sd = {k: v for k, v in load_file(str(paths["comfyui-file"])).items()}
     full = _configured(sd, {"causal_attention": False})
     assert not full.model.config.causal_attention
-    assert full.family.host_settings(full.model) == {"causal_attention": False}
-    assert causal.family.host_settings(causal.model) == {"causal_attention": True}
+    assert full.family.host_settings(full.model) == {"causal_attention": False, "norm_num_groups": 32}
+    assert causal.family.host_settings(causal.model) == {"causal_attention": True, "norm_num_groups": 32}
     z = torch.randn(1, 4, 3, 3, 4, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a, b = causal.decode(z), full.decode(z)
@@ -236,11 +236,14 @@ def test_memory_registers_and_pieces(hv):
             figures[frames, tile] = got
             est = HV10.video_working_set(model, "decode", frames, 128, 128, tile)
             assert est["stores"] == got["store_peak"] and est["output"] == y.numel() * 4
-            assert est["activations"] == 3 * 4 * got["largest"] and est["total"] == est["stores"] + est["activations"]
+            assert est["activations"] == got["kv"] + 3 * 4 * got["largest"]  # keys/values, 3 piece tensors
+            assert est["total"] == est["stores"] + est["activations"] and est["widest"] == got["widest"]
     for tile in (64, 128):
         assert figures[9, tile]["largest"] == figures[17, tile]["largest"]
         assert figures[17, tile]["store_peak"] > 1.5 * figures[9, tile]["store_peak"]
     assert figures[9, 128]["largest"] > 2 * figures[9, 64]["largest"]
+    untiled = HV10.video_working_set(model, "decode", 17, 128, 128, None)  # the reference pass: all on the device
+    assert untiled["total"] == 5 * figures[17, 64]["widest"] > figures[17, 64]["store_peak"]
 
 
 def test_fp16_fix_rescales_the_stream(hv):
@@ -301,18 +304,48 @@ def test_near_misses_and_bad_input_named(hv, tmp_path):
         vae.decode(torch.zeros(1, 5, 2, 2, 2))
 
 
+def test_settings_are_typed_and_shapes_checked(hv):
+    """Settings of the wrong type (4.0 groups, 1 for True), an activation other than SiLU and a 0-d conv weight are
+    refused naming the value, before anything runs."""
+    _, paths = hv
+    sd = load_file(str(paths["comfyui-file"]))
+    for bad, named in (({"norm_num_groups": 32.0}, "norm_num_groups = 32.0"), ({"causal_attention": 1},
+                       "causal_attention = 1"), ({"act_fn": "gelu"}, "act_fn = 'gelu'")):
+        with pytest.raises(vae_core.VaeLoadError, match=named):
+            _configured(sd, bad)
+    with pytest.raises(vae_core.VaeLoadError, match="'decoder.conv_out.conv.weight' of shape \\[\\]"):
+        _configured(sd | {"decoder.conv_out.conv.weight": torch.zeros(())}, {})
+
+
+def test_image_calls_plan_their_memory(hv):
+    """An image (one frame) with ``tile="auto"`` and the image memory estimate the out-of-memory fallback uses."""
+    from vae_core.tiling.memory import estimate_bytes
+
+    _, paths = hv
+    vae = vae_core.load_vae(paths["comfyui-file"])
+    z = torch.randn(1, 4, 9, 10, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (vae.decode(z, tile="auto") - vae.decode(z)).abs().max() < 1e-5
+    assert estimate_bytes(vae.model, 64 * 64, torch.float32) > 0
+
+
 def test_groups_other_than_32_survive_a_comfyui_layout_file(tmp_path):
-    """Shapes cannot say the GroupNorm groups: a file in ComfyUI's layout carries them in its metadata when they are
-    not the released 32 (a diffusers folder in config.json)."""
+    """Shapes cannot say the GroupNorm groups: a file (either layout) carries them in its metadata when they are not
+    the released 32 (a diffusers folder in config.json), a host module in its norms, a caller as ``norm_groups``."""
     ref = reference(block_out_channels=(8, 16, 16, 16), norm_num_groups=4)
     ref.save_pretrained(tmp_path / "f")
     vae = vae_core.load_vae(tmp_path / "f")
     assert vae.model.config.norm_groups == 4
-    vae_core.save_vae(vae, tmp_path / "c.safetensors")
-    again = vae_core.load_vae(tmp_path / "c.safetensors")
     z = torch.randn(1, 4, 2, 3, 3)
-    with torch.no_grad():
-        assert again.model.config.norm_groups == 4 and (again.decode(z) - ref.decode(z).sample).abs().max() < 1e-4
+    for name, layout in (("c.safetensors", "ldm"), ("d.safetensors", "diffusers")):
+        vae_core.save_vae(vae, tmp_path / name, layout=layout)
+        again = vae_core.load_vae(tmp_path / name)
+        with torch.no_grad():
+            assert again.model.config.norm_groups == 4 and (again.decode(z) - ref.decode(z).sample).abs().max() < 1e-4
+    # a host's module says its groups (the engine rebuilds the network from its tensors and settings)
+    assert vae.family.host_settings(vae.model) == {"causal_attention": True, "norm_num_groups": 4}
+    sd = {k: v for k, v in vae.model.state_dict().items()}
+    assert vae_core.vae_from_state_dict(sd, norm_groups=4).model.config.norm_groups == 4
 
 
 def test_peers_side_by_side_diffusers_tiling(hv, capsys):

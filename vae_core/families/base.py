@@ -323,6 +323,28 @@ def replace_config(config: Any, **changes: Any) -> Any:
     return dataclasses.replace(config, **changes) if changes else config
 
 
+def scale_only_format(request: LoadRequest, name: str, default: float, design: str,
+                      tensors: Optional[dict[str, torch.Tensor]] = None) -> LatentFormat:
+    """The latent format of a family whose latents are only scaled (HunyuanVideo 1.0 and 1.5): a ``family=`` other
+    than ``name`` refused; the scaling factor given, else config.json's ``scaling_factor``, else ``default``, the
+    sources saying which (``design``: e.g. ``"HunyuanVideo 1.5"``)."""
+    from .scaling import check_factor
+
+    refuse_family(request, (name,), f"a {design}-design VAE")
+    cfg = request.config or {}
+    sources = {"family": "given" if request.family else f"keys ({design} design)"}
+    if request.scaling_factor is not None:
+        scale, sources["scaling_factor"] = request.scaling_factor, "given"
+    elif cfg.get("scaling_factor") is not None:
+        scale = check_factor(cfg["scaling_factor"], "scaling_factor", "config.json", positive=True,
+                             path=request.config_path or "config.json")
+        sources["scaling_factor"] = "config.json"
+    else:
+        scale, sources["scaling_factor"] = default, f"{design} default"
+    sources["shift_factor"] = f"none ({design} scales only)"
+    return LatentFormat(name, float(scale), None, sources, dict(tensors or {}))
+
+
 def refuse_family(request: LoadRequest, allowed: Iterable[str], what: str) -> None:
     """Raise VaeInputError when the user's ``family=`` is not one of ``allowed`` for a VAE described by ``what``."""
     allowed = tuple(allowed)

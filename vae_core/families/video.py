@@ -19,7 +19,17 @@ from ..tiling.halo import halo_tiled
 from ..tiling.memory import free_memory
 from ..tiling.stream import estimate_working_set, run_segments
 
-__all__ = ["VideoFamily", "PerChannelLatents"]
+__all__ = ["VideoFamily", "PerChannelLatents", "meta_input"]
+
+
+def meta_input(cfg: Any, kind: str, frames: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The ``meta`` input of a ``kind`` call (batch 1) on ``frames`` pixel frames of ``height``×``width`` px, for a
+    network config with ``downscale``, ``temporal_scale``, ``latent_channels`` and ``in_channels``: what a
+    working-set estimate dry-runs."""
+    f, ft = cfg.downscale, cfg.temporal_scale
+    shape = ((1, cfg.latent_channels, 1 + (frames - 1) // ft, height // f, width // f) if kind == "decode"
+             else (1, cfg.in_channels, frames, height, width))
+    return torch.empty(shape, device="meta", dtype=dtype)
 
 
 class VideoFamily(HaloFamily):
@@ -40,13 +50,9 @@ class VideoFamily(HaloFamily):
         """Estimated peak bytes of a video call (see :func:`vae_core.tiling.stream.estimate_working_set`): ``frames``
         pixel frames (``1 + ft·k``) of ``height``×``width`` px, ``tile`` px (None: untiled, streamed), ``schedule``
         ``"tile"`` or ``"level"``, by a dry run on a ``meta`` twin of ``model`` (no memory, no data)."""
-        cfg = model.config
-        f, ft = cfg.downscale, cfg.temporal_scale
         with torch.device("meta"):
-            twin = self.build(cfg).to(dtype)
-        shape = ((1, cfg.latent_channels, 1 + (frames - 1) // ft, height // f, width // f) if kind == "decode"
-                 else (1, cfg.in_channels, frames, height, width))
-        x = torch.empty(shape, device="meta", dtype=dtype)
+            twin = self.build(model.config).to(dtype)
+        x = meta_input(model.config, kind, frames, height, width, dtype)
         with torch.no_grad():
             return estimate_working_set(self.video_plan_for(twin, kind, x, False), x, tile, dtype, schedule)
 

@@ -24,8 +24,8 @@ Memory: one piece's window on the compute device, plus the registers alive at on
 Registers are held in blocks of frames; pieces run frame-group by frame-group, and an op that is the last reader of
 its input (or shortcut) drops the input's blocks its later pieces no longer read, so while an op runs its input
 shrinks as its output grows: about two whole-clip registers at a time, plus the register a residual block's branch
-needs. At full resolution that is 128 channels per pixel (HunyuanVideo 1.0 at 1280×720, 121 frames, fp16: 28 GB per
-register). Registers live on the compute device when they fit
+needs. At full resolution that is 128 to 256 channels per pixel (HunyuanVideo 1.0 at 1280×720, 121 frames, fp16: 28
+to 57 GB per register). Registers live on the compute device when they fit
 in half its free memory, else in CPU memory (pieces copied over). This is the price of the whole-clip reference;
 the output equals the untiled pass to float rounding.
 
@@ -41,9 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import Cancelled
 from .geometry import split
-from .options import TileOptions
+from .options import TileOptions, stepper
 from .stats import StatsAccumulator, apply_norm
 
 __all__ = ["Axis", "ConvOp", "AttnOp", "Attend", "Program", "Clip", "run_program", "plan_bytes", "PIECE_FRAMES"]
@@ -264,9 +263,11 @@ class _Run:
     store_peak: int = 0
     largest: int = 0
     pieces: int = 0
+    kv: int = 0
+    widest: int = 0
 
-    def measure(self, extra: int = 0) -> None:
-        self.store_peak = max(self.store_peak, extra + sum(c.nbytes for c in self.regs.values()))
+    def measure(self) -> None:
+        self.store_peak = max(self.store_peak, sum(c.nbytes for c in self.regs.values()))
 
     def release(self, name: Optional[str], frame: int) -> None:
         """The op running reads register ``name`` from ``frame`` on only: if it is the last reader, drop the rest."""
@@ -303,6 +304,7 @@ def _sink(run: _Run, op: Op, out: Optional[torch.Tensor], final: bool, y: torch.
     if final:
         return out if out is not None else y.new_empty(full, device=run.device)
     clip = run.regs[op.dst] = Clip(full, y, run.store)
+    run.widest = max(run.widest, math.prod(full) * y.element_size())
     return clip
 
 
@@ -373,7 +375,7 @@ def _attn_op(op: AttnOp, run: _Run, out: Optional[torch.Tensor], final: bool, st
             keys, values = k.new_empty((b, t * h * w, c)), v.new_empty((b, t * h * w, c))
         keys[:, f0 * h * w:f1 * h * w], values[:, f0 * h * w:f1 * h * w] = k, v
     assert keys is not None and values is not None
-    kv = 2 * keys.numel() * keys.element_size()
+    run.kv = max(run.kv, 2 * keys.numel() * keys.element_size())  # on the compute device, whatever the store
     dst: Optional[Sink] = None
     # causal: one frame of queries at a time (each sees its own prefix); otherwise PIECE_FRAMES frames
     for f0, f1 in frame_groups(t, 1 if op.causal else PIECE_FRAMES):
@@ -387,7 +389,7 @@ def _attn_op(op: AttnOp, run: _Run, out: Optional[torch.Tensor], final: bool, st
         _put(dst, (f0, f1), *whole, y)
         if pool is not None:
             pool[0].add(y, pool[1])
-        run.measure(kv)
+        run.measure()
         run.release(op.src, f1)
         step()
     assert dst is not None
@@ -408,22 +410,15 @@ def run_program(program: Program, x: torch.Tensor, tile: Optional[int], image_w:
     """Run ``program`` on ``x [B, C, T, H, W]``: pieces of about ``tile`` image px (None: whole frames), frames in
     groups of :data:`PIECE_FRAMES`; ``image_w`` the image-side width (for the piece size at each resolution);
     registers on ``store`` (default: ``x``'s device); the output into ``out`` if given. ``figures`` (a dict)
-    receives ``store_peak`` (bytes of the registers alive at once, at most; the attention's keys and values
-    included), ``largest`` (elements of the largest piece tensor) and ``pieces``.
+    receives ``store_peak`` (bytes of the registers alive at once, at most), ``widest`` (bytes of the largest
+    register), ``kv`` (bytes of the attention's keys and values, on the compute device), ``largest`` (elements of the
+    largest piece tensor) and ``pieces``.
 
     Progress counts pieces over all ops (``opts.progress``); ``opts.cancel`` is checked between them (Cancelled).
     """
     run = _Run(x.device, x.device if store is None else store, program.last_use())
     run.regs[program.input] = Clip.of(x)
-    total = _count_pieces(program, x, tile, image_w)
-    done = [0]
-
-    def step() -> None:
-        done[0] += 1
-        if opts.progress is not None:
-            opts.progress(done[0], total)
-        if opts.cancel is not None and done[0] < total and opts.cancel():
-            raise Cancelled("tiled VAE call cancelled between pieces")
+    step = stepper(opts, _count_pieces(program, x, tile, image_w), "pieces")
 
     y: Optional[Sink] = None
     for i, op in enumerate(program.ops):
@@ -441,7 +436,8 @@ def run_program(program: Program, x: torch.Tensor, tile: Optional[int], image_w:
             run.stats.pop(r, None)
     assert isinstance(y, torch.Tensor), "a program ends on its output"
     if figures is not None:
-        figures.update(store_peak=run.store_peak, largest=run.largest, pieces=run.pieces)
+        figures.update(store_peak=run.store_peak, largest=run.largest, pieces=run.pieces, kv=run.kv,
+                       widest=run.widest)
     if opts.report is not None:
         opts.report.schedule, opts.report.tiles, opts.report.sweeps = "clip-ops", run.pieces, 1
         opts.report.cache_peak = run.store_peak
@@ -466,12 +462,14 @@ def _count_pieces(program: Program, x: torch.Tensor, tile: Optional[int], image_
 
 def plan_bytes(program: Program, x: torch.Tensor, tile: Optional[int], image_w: int) -> dict[str, int]:
     """Estimated bytes of :func:`run_program` on ``x`` (a ``meta`` tensor of the real shape and dtype, ``program``
-    from a ``meta`` twin of the network): a dry run. ``stores``: the registers alive at once (incl. the attention's
-    keys and values); ``activations``: three times the largest piece tensor (a window, its normalised copy, the
-    conv's output); ``output``; ``total``: stores and activations."""
+    from a ``meta`` twin of the network): a dry run. ``stores``: the registers alive at once; ``widest``: the
+    largest register; ``activations``: what the compute device holds besides them — the attention's keys and values
+    and about three copies of the largest piece tensor (a window, its normalised copy, the conv's output; in fp16/bf16
+    two more in float32, as the norm computes); ``output``; ``total``: stores and activations."""
     figures: dict[str, int] = {}
     y = run_program(program, x, tile, image_w, TileOptions(), figures=figures)
     size = x.element_size()
-    act = 3 * figures["largest"] * size
-    return {"state": 0, "stores": figures["store_peak"], "activations": act, "output": y.numel() * size,
-            "total": figures["store_peak"] + act}
+    per = 3 * size + (2 * 4 if size < 4 else 0)
+    act = figures["kv"] + per * figures["largest"]
+    return {"state": 0, "stores": figures["store_peak"], "widest": figures["widest"], "activations": act,
+            "output": y.numel() * size, "total": figures["store_peak"] + act}

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-from ..errors import VaeInputError
+from ..errors import Cancelled, VaeInputError
 from .cache import CacheArg
 
-__all__ = ["TileOptions", "TileReport", "TileArg", "Progress", "CacheArg", "check_mode"]
+__all__ = ["TileOptions", "TileReport", "TileArg", "Progress", "CacheArg", "check_mode", "stepper"]
 
 Progress = Callable[[int, int], None]
 TileArg = Union[None, int, str]
@@ -72,6 +72,20 @@ class TileOptions:
     channels_last: bool = False
     schedule: str = "auto"
     moments: bool = False
+
+
+def stepper(opts: TileOptions, total: int, between: str) -> Callable[[], None]:
+    """``step()`` after each of ``total`` units of a tiled call: ``opts.progress(done, total)``, and ``opts.cancel``
+    checked before the next unit (Cancelled, "... cancelled between ``between``")."""
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
+        if opts.progress is not None:
+            opts.progress(done[0], total)
+        if opts.cancel is not None and done[0] < total and opts.cancel():
+            raise Cancelled(f"tiled VAE call cancelled between {between}")
+    return step
 
 
 def check_mode(opts: TileOptions) -> None:

@@ -27,11 +27,11 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import Cancelled, VaeInputError
+from ..errors import VaeInputError
 from .geometry import Interval, split
 from .halo import Local, Whole, stage_sizes as _sizes, windows as _windows
 from .lagged import lagged_levels, lagged_tiled
-from .options import TileOptions
+from .options import TileOptions, stepper
 from .state import CausalState, Chunk, is_first
 
 __all__ = ["CausalState", "Segment", "Chunk", "run_segments", "stream_tiled", "stream_levels", "level_cores",
@@ -267,15 +267,7 @@ def run_segments(segments: list[Segment], x: torch.Tensor, tile: Optional[int], 
             return len(s.chunks) * (1 if s.lagged else len(s.stages))
         return len(s.chunks) * _tile_count(s, int(h0 * s0 / s.image_scale), int(w0 * s0 / s.image_scale), tile)
 
-    total = sum(steps(s) for s in segments if isinstance(s.stages, list))
-    done = [0]
-
-    def step() -> None:
-        done[0] += 1
-        if opts.progress is not None:
-            opts.progress(done[0], total)
-        if opts.cancel is not None and done[0] < total and opts.cancel():
-            raise Cancelled("tiled VAE call cancelled between tiles")
+    step = stepper(opts, sum(steps(s) for s in segments if isinstance(s.stages, list)), "tiles")
 
     tiles, peak = 0, 0
     for k, seg in enumerate(segments):

@@ -77,9 +77,13 @@ def canonical_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str, path: object) -> tuple[int, ...]:
+    """The shape of 3-D conv weight ``key`` (5 dims), or a VaeLoadError naming it."""
     if key not in sd:
         raise VaeLoadError(path, f"no tensor {key!r}", "a complete HunyuanVideo 1.0-design VAE (encoder and decoder)")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) != 5:
+        raise VaeLoadError(path, f"{key!r} of shape {list(shape)}", "a 3-D conv weight [O, I, k, k, k]")
+    return shape
 
 
 def _count(sd: Mapping[str, torch.Tensor], pattern: str, bound: int, what: str, path: object) -> int:
@@ -93,10 +97,10 @@ def _count(sd: Mapping[str, torch.Tensor], pattern: str, bound: int, what: str, 
 
 
 def _setting(config: Optional[Mapping[str, Any]], key: str, default: Any, allowed: tuple, path: object) -> Any:
+    """``config[key]`` (``default`` when absent), of ``default``'s type exactly (no ``4.0`` for 4, no ``1`` for
+    True) and one of ``allowed``; else a VaeLoadError naming the key and the value."""
     value = default if not config or config.get(key) is None else config[key]
-    if isinstance(value, list):
-        value = tuple(value)
-    if value not in allowed:
+    if type(value) is not type(default) or value not in allowed:
         raise VaeLoadError(path, f"{key} = {value!r}", f"one of {list(allowed)} for a HunyuanVideo 1.0-design VAE")
     return value
 
@@ -105,14 +109,14 @@ def hv10_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
                 config: Optional[Mapping[str, Any]] = None) -> HV10Config:
     """The config of a canonical state dict: widths, blocks per level and channels from its shapes; the GroupNorm
     groups and the time compression from ``config`` (diffusers' ``norm_num_groups``, ``temporal_compression_ratio``;
-    defaults 32 and 4, the only ones diffusers and ComfyUI build), and ``causal_attention`` (a host's setting;
-    default True, the released model's frame-causal mask).
+    defaults 32 and 4, the only ones diffusers and ComfyUI build; ``act_fn`` must be SiLU), and ``causal_attention``
+    (a host's setting; default True, the released model's frame-causal mask).
 
     Raises:
         VaeLoadError: a required tensor missing, or shapes or settings that do not fit the design (naming them).
     """
     conv_in = _shape(sd, "encoder.conv_in.conv.weight", path)
-    if len(conv_in) != 5 or conv_in[2:] != (3, 3, 3):
+    if conv_in[2:] != (3, 3, 3):
         raise VaeLoadError(path, f"'encoder.conv_in.conv.weight' of shape {conv_in}",
                            "a 3-D conv weight [O, I, 3, 3, 3]")
     levels = _count(sd, r"encoder\.down\.(\d+)\.", MAX_LEVELS, "encoder levels", path)
@@ -137,6 +141,8 @@ def hv10_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
     groups = _setting(config, "norm_num_groups", 32, tuple(g for g in (1, 2, 4, 8, 16, 32, 64)
                                                              if all(w % g == 0 for w in widths)), path)
     causal = _setting(config, "causal_attention", True, (True, False), path)
+    if config and config.get("act_fn") not in (None, "silu", "swish"):
+        raise VaeLoadError(path, f"act_fn = {config['act_fn']!r}", "'silu' (HunyuanVideo 1.0's activation)")
     temporal = {4: 2}[ft]
     if temporal > levels - 1:
         raise VaeLoadError(path, f"{levels} levels with time compression {ft}",

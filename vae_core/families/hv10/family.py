@@ -8,6 +8,7 @@ rescaling, :mod:`vae_core.families.groupnorm_fix`) applies as it is. ComfyUI's a
 output."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any, Mapping, Optional
@@ -15,13 +16,12 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..base import Canonical, LatentFormat, LoadRequest, refuse_family
+from ..base import Canonical, LatentFormat, LoadRequest, scale_only_format
 from ..groupnorm_fix import fp16_fix_model
-from ..scaling import check_factor
-from ..video import VideoFamily
-from ...errors import VaeInputError, VaeLoadError
+from ..video import VideoFamily, meta_input
+from ...errors import VaeError, VaeInputError, VaeLoadError
 from ...tiling.clip import plan_bytes, run_program
-from ...tiling.memory import free_memory
+from ...tiling.memory import cpu_available, free_memory
 from .convert import canonical_to_diffusers, hv10_config, hv10_to_canonical, is_hv10
 from .model import HV10Config, HV10VAE, program
 
@@ -40,6 +40,16 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@functools.lru_cache(maxsize=32)
+def _plan(cfg: HV10Config, kind: str, frames: int, height: int, width: int, tile: Optional[int],
+          dtype: torch.dtype) -> dict[str, int]:
+    """:func:`~vae_core.tiling.clip.plan_bytes` of a ``kind`` call (batch 1) on a ``meta`` twin built for ``cfg``."""
+    with torch.device("meta"):
+        twin = HV10VAE(cfg).to(dtype)
+    with torch.no_grad():
+        return plan_bytes(program(twin, kind), meta_input(cfg, kind, frames, height, width, dtype), tile, width)
+
+
 class HV10Family(VideoFamily):
     """The hv10 family (see the module docstring)."""
 
@@ -54,9 +64,11 @@ class HV10Family(VideoFamily):
         return Canonical(canon, f"hv10-{layout}", prefix)
 
     def config(self, canon: Canonical, where: object, request: LoadRequest) -> HV10Config:
-        settings = dict(request.config or {})
+        """From the shapes, and what they cannot say from (lowest first) the file's metadata, the caller's
+        ``norm_groups`` setting, config.json or a host module's settings."""
+        settings: dict[str, Any] = {}
         meta = (request.metadata or {}).get(_META)
-        if meta is not None and not request.config:
+        if meta is not None:
             try:
                 extra = json.loads(meta)
             except ValueError as exc:
@@ -64,30 +76,22 @@ class HV10Family(VideoFamily):
             if not isinstance(extra, dict) or set(extra) - {"norm_num_groups"}:
                 raise VaeLoadError(where, f"metadata {_META!r} = {meta[:80]!r}", '{"norm_num_groups": <int>}')
             settings.update(extra)
+        if request.settings.get("norm_groups"):
+            settings["norm_num_groups"] = request.settings["norm_groups"]
+        settings.update(request.config or {})
         return hv10_config(canon.state_dict, request.config_path or where, settings)
 
     def file_metadata(self, model: nn.Module, layout: str) -> dict[str, str]:
-        """The GroupNorm groups where they are not the released 32 (shapes cannot say; ComfyUI builds 32)."""
+        """The GroupNorm groups where they are not the released 32 (shapes cannot say; ComfyUI builds 32; a diffusers
+        *folder* has them in config.json too)."""
         g = model.config.norm_groups
-        return {} if g == 32 or layout == "diffusers" else {_META: json.dumps({"norm_num_groups": g})}
+        return {} if g == 32 else {_META: json.dumps({"norm_num_groups": g})}
 
     def describe(self, config: HV10Config) -> str:
         return f"a HunyuanVideo 1.0-design VAE of widths {list(config.block_out_channels)}"
 
     def latent_format(self, config: HV10Config, canon: Canonical, request: LoadRequest) -> LatentFormat:
-        refuse_family(request, (_NAME,), "a HunyuanVideo 1.0-design VAE")
-        cfg = request.config or {}
-        sources = {"family": "given" if request.family else "keys (HunyuanVideo 1.0 design)"}
-        if request.scaling_factor is not None:
-            scale, sources["scaling_factor"] = request.scaling_factor, "given"
-        elif cfg.get("scaling_factor") is not None:
-            scale = check_factor(cfg["scaling_factor"], "scaling_factor", "config.json", positive=True,
-                                 path=request.config_path or "config.json")
-            sources["scaling_factor"] = "config.json"
-        else:
-            scale, sources["scaling_factor"] = HV10_SCALING_FACTOR, "HunyuanVideo 1.0 default"
-        sources["shift_factor"] = "none (HunyuanVideo 1.0 scales only)"
-        return LatentFormat(_NAME, float(scale), None, sources)
+        return scale_only_format(request, _NAME, HV10_SCALING_FACTOR, "HunyuanVideo 1.0")
 
     def summary(self, model: nn.Module, fmt: LatentFormat) -> list[tuple[str, str]]:
         cfg = model.config
@@ -99,12 +103,15 @@ class HV10Family(VideoFamily):
                             "whole-clip reference exactly, op by op in pieces")]
 
     def host_settings(self, module: nn.Module) -> dict[str, Any]:
-        """How a host runs the mid-block attention, which the tensors do not show: ours says (``causal``), ComfyUI's
-        ``AttnBlock`` attends over every token unmasked."""
+        """What a host's live module says that its tensors do not: the mid-block attention's mask (ours says
+        ``causal``; ComfyUI's ``AttnBlock`` attends over every token unmasked) and the GroupNorm groups."""
+        out: dict[str, Any] = {}
         for name, m in module.named_modules():
-            if name.endswith("mid.attn_1"):
-                return {"causal_attention": bool(getattr(m, "causal", False))}
-        return {}
+            if name.endswith("mid.attn_1") and "causal_attention" not in out:
+                out["causal_attention"] = bool(getattr(m, "causal", False))
+            if isinstance(m, nn.GroupNorm) and "norm_num_groups" not in out:
+                out["norm_num_groups"] = int(m.num_groups)
+        return out
 
     def check_sides(self, model: nn.Module, t: torch.Tensor, kind: str) -> None:
         f = model.config.downscale  # replicate-padded stride-2 convs round up: the decoder could not give them back
@@ -120,45 +127,46 @@ class HV10Family(VideoFamily):
                           tile: Optional[int], dtype: torch.dtype = torch.float32,
                           schedule: str = "tile") -> dict[str, int]:
         """Estimated peak bytes of a video call of ``frames`` pixel frames of ``height``×``width`` px (a dry run of
-        :func:`~vae_core.tiling.clip.run_program` on a ``meta`` twin): ``stores`` the whole-clip registers alive at
-        once (they grow with the clip), ``activations`` a piece's tensors; ``total`` on the model's device (the
-        registers move to CPU memory where they do not fit half its free memory). Untiled (``tile`` None), the
-        reference pass holds about a third more than the registers. ``schedule`` is not used (one schedule)."""
-        cfg = model.config
-        f, ft = cfg.downscale, cfg.temporal_scale
-        with torch.device("meta"):
-            twin = self.build(cfg).to(dtype)
-        shape = ((1, cfg.latent_channels, 1 + (frames - 1) // ft, height // f, width // f) if kind == "decode"
-                 else (1, cfg.in_channels, frames, height, width))
-        x = torch.empty(shape, device="meta", dtype=dtype)
-        with torch.no_grad():
-            need = plan_bytes(program(twin, kind), x, tile, width)
+        :func:`~vae_core.tiling.clip.run_program` on a ``meta`` twin, cached): ``stores`` the whole-clip registers
+        alive at once (they grow with the clip), ``activations`` what the compute device holds besides them; ``total``
+        on the model's device, where the registers are counted only if they fit half its free memory (else they go
+        to CPU memory). Untiled (``tile`` None) the reference pass holds everything on the device: about five tensors
+        of its widest stage. ``schedule`` is not used (one schedule)."""
+        need = dict(_plan(model.config, kind, frames, height, width, tile, dtype))
         if tile is None:
-            need["activations"] = need["stores"] // 3
+            need["activations"] = 5 * need["widest"]
+            need["total"] = need["activations"]
+            return need
         on_device = self._stores_on_device(need["stores"], _device(model))
         need["total"] = need["activations"] + (need["stores"] if on_device else 0)
         return need
 
     def tiled(self, kind: str):
         """Videos and images (one frame) by :func:`~vae_core.tiling.clip.run_program` over :func:`program`; the
-        registers on the compute device where they fit half its free memory, else in CPU memory. ``mode`` and
-        ``schedule`` do not apply (every call is exact at about the untiled cost)."""
+        registers on the compute device where they fit half its free memory, else in CPU memory (refused, naming the
+        sizes, where they do not fit that either). ``mode`` and ``schedule`` do not apply (every call is exact at
+        the untiled FLOPs)."""
         def run(model: nn.Module, t: torch.Tensor, tile: int, opts: Any) -> torch.Tensor:
             moments = kind == "encode" and opts.moments
             x = t if t.dim() == 5 else t.unsqueeze(2)
             if t.dim() == 5:
                 model.check_video(x, kind)
-            prog = program(model, kind, moments)
-            image_w = x.shape[-1] * (model.config.downscale if kind == "decode" else 1)
+            cfg = model.config
+            f = cfg.downscale if kind == "decode" else 1
+            frames = x.shape[2] if kind == "encode" else 1 + cfg.temporal_scale * (x.shape[2] - 1)
+            # the registers do not depend on the tile: the whole-frame dry run is the quick one
+            stores = x.shape[0] * _plan(cfg, kind, frames, x.shape[3] * f, x.shape[4] * f, None, x.dtype)["stores"]
             store = None
-            if x.device.type not in ("cpu", "meta"):
-                frames = x.shape[2] if kind == "encode" else 1 + model.config.temporal_scale * (x.shape[2] - 1)
-                f = model.config.downscale if kind == "decode" else 1
-                need = self.video_working_set(model, kind, frames, x.shape[3] * f, x.shape[4] * f, tile, x.dtype)
-                if not self._stores_on_device(need["stores"] * x.shape[0], x.device):
-                    store = torch.device("cpu")
-                    log.info("%s: whole-clip registers (%.1f GiB) kept in CPU memory", kind, need["stores"] / 2**30)
-            y = run_program(prog, x, tile, image_w, opts, store=store)
+            if not self._stores_on_device(stores, x.device):
+                store = torch.device("cpu")
+                if stores > cpu_available():
+                    raise VaeError(f"{kind} of {frames} frames of {x.shape[4] * f}x{x.shape[3] * f} px (batch "
+                                   f"{x.shape[0]}): the whole-clip statistics need {stores / 2**30:.1f} GiB of "
+                                   f"registers, more than half the device's free memory and more than the "
+                                   f"{cpu_available() / 2**30:.1f} GiB of CPU memory available; expected a shorter "
+                                   "clip or a smaller size (HunyuanVideo 1.0's GroupNorms span the whole clip)")
+                log.info("%s: whole-clip registers (%.1f GiB) kept in CPU memory", kind, stores / 2**30)
+            y = run_program(program(model, kind, moments), x, tile, x.shape[-1] * f, opts, store=store)
             return y if t.dim() == 5 else y.squeeze(2)
         return run
 

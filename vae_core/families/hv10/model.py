@@ -69,6 +69,12 @@ class HV10Config:
     def latent_channels(self) -> int:
         return self.z_dim
 
+    @property
+    def encoder_widths(self) -> list[int]:  # for the image memory estimate (tile="auto", the OOM fallback)
+        return list(self.block_out_channels)
+
+    decoder_widths = encoder_widths
+
     def halves_time(self, level: int) -> bool:
         """Whether encoder level ``level``'s downsampler (0: full resolution; the last level has none) halves time
         too: the last ``temporal_levels`` of them do."""

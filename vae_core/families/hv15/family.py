@@ -10,8 +10,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..base import Canonical, LatentFormat, LoadRequest, refuse_family
-from ..scaling import check_factor
+from ..base import Canonical, LatentFormat, LoadRequest, scale_only_format
 from ..video import VideoFamily
 from ...errors import VaeInputError
 from .convert import canonical_to_diffusers, hv15_config, hv15_to_canonical, is_hv15
@@ -45,19 +44,8 @@ class HV15Family(VideoFamily):
         return f"a HunyuanVideo 1.5-design VAE of widths {list(config.block_out_channels)}"
 
     def latent_format(self, config: HV15Config, canon: Canonical, request: LoadRequest) -> LatentFormat:
-        refuse_family(request, (_NAME,), "a HunyuanVideo 1.5-design VAE")
-        cfg = request.config or {}
-        sources = {"family": "given" if request.family else "keys (HunyuanVideo 1.5 design)"}
-        if request.scaling_factor is not None:
-            scale, sources["scaling_factor"] = request.scaling_factor, "given"
-        elif cfg.get("scaling_factor") is not None:
-            scale = check_factor(cfg["scaling_factor"], "scaling_factor", "config.json", positive=True,
-                                 path=request.config_path or "config.json")
-            sources["scaling_factor"] = "config.json"
-        else:
-            scale, sources["scaling_factor"] = HV15_SCALING_FACTOR, "HunyuanVideo 1.5 default"
-        sources["shift_factor"] = "none (HunyuanVideo 1.5 scales only)"
-        return LatentFormat(_NAME, float(scale), None, sources, {n: torch.ones(()) for n in SHORTCUT_SCALES})
+        return scale_only_format(request, _NAME, HV15_SCALING_FACTOR, "HunyuanVideo 1.5",
+                                 {n: torch.ones(()) for n in SHORTCUT_SCALES})
 
     def summary(self, model: nn.Module, fmt: LatentFormat) -> list[tuple[str, str]]:
         cfg = model.config

@@ -65,6 +65,12 @@ class HV15Config:
     def latent_channels(self) -> int:
         return self.z_dim
 
+    @property
+    def encoder_widths(self) -> list[int]:  # for the image memory estimate (tile="auto", the OOM fallback)
+        return list(self.block_out_channels)
+
+    decoder_widths = encoder_widths
+
     def down_flags(self, level: int) -> tuple[bool, bool]:
         """Encoder level ``level``: (halves space, halves time)."""
         space = level < self.spatial_levels
