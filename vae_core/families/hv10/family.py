@@ -154,9 +154,11 @@ class HV10Family(VideoFamily):
             cfg = model.config
             f = cfg.downscale if kind == "decode" else 1
             frames = x.shape[2] if kind == "encode" else 1 + cfg.temporal_scale * (x.shape[2] - 1)
-            # the registers do not depend on the tile: the whole-frame dry run is the quick one
-            stores = x.shape[0] * _plan(cfg, kind, frames, x.shape[3] * f, x.shape[4] * f, None, x.dtype)["stores"]
             store = None
+            # registers share the memory of a CPU (or meta) call; elsewhere the quick whole-frame dry run says whether
+            # they fit (they do not depend on the tile)
+            stores = 0 if x.device.type in ("cpu", "meta") else x.shape[0] * _plan(
+                cfg, kind, frames, x.shape[3] * f, x.shape[4] * f, None, x.dtype)["stores"]
             if not self._stores_on_device(stores, x.device):
                 store = torch.device("cpu")
                 if stores > cpu_available():
