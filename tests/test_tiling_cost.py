@@ -179,9 +179,12 @@ def test_ltx_video_tiling_cost_at_real_widths(version, op):
 def test_hv10_video_tiling_cost_at_real_widths(op):
     """HunyuanVideo 1.0 at its released widths, 1280×720 (9 frames: the ratio does not depend on the count), 256- and
     512-px tiles: op by op, each conv runs valid over exactly its output piece (halos are read, never computed), so
-    the tiled call counts the untiled FLOPs exactly (BENCHMARKS.md: 1.000 at 121 frames too)."""
+    the tiled call counts the untiled FLOPs exactly (BENCHMARKS.md: 1.000 at 121 frames too), the chunked schedule's
+    too."""
     from vae_core.families.hv10.model import HV10Config
     from vae_core.lab.bench_video import video_flop_ratio
 
     for tile in (256, 512):
         assert video_flop_ratio(HV10Config(), op, 9, 720, 1280, tile) == pytest.approx(1.0, abs=1e-9)
+    # newer ComfyUI's chunked schedule, against its own untiled network: 17 frames, 3 chunks each way
+    assert video_flop_ratio(HV10Config(chunked=True), op, 17, 720, 1280, 512) == pytest.approx(1.0, abs=1e-9)

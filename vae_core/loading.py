@@ -88,20 +88,36 @@ def kl_family_of(sd: Mapping[str, torch.Tensor], path: object) -> tuple[Any, str
     return cfg, KL.latent_format(cfg, canon, request).family
 
 
+def _user_settings(family: Family, settings: Optional[Mapping[str, Any]], where: object) -> dict[str, Any]:
+    """``settings`` checked against what ``family`` takes (a setting another family would take is refused by name,
+    not ignored)."""
+    out = dict(settings or {})
+    unknown = sorted(set(out) - set(family.user_settings))
+    if unknown:
+        allowed = ", ".join(family.user_settings) or "none"
+        raise VaeInputError(f"{where}: setting(s) {', '.join(map(repr, unknown))} for {family.label}; expected "
+                            f"settings this family takes: {allowed}")
+    return out
+
+
 def vae_from_state_dict(sd: dict[str, torch.Tensor], *, name: str = "<state dict>", norm_groups: Optional[int] = None,
                         family: Optional[str] = None, scaling_factor: Optional[float] = None,
-                        shift_factor: Optional[float] = None) -> Vae:
+                        shift_factor: Optional[float] = None, settings: Optional[Mapping[str, Any]] = None) -> Vae:
     """Build a float32 :class:`Vae` (on the CPU) from an in-memory state dict of any family, bare or prefixed
-    (LDM or diffusers keys for an AutoencoderKL), e.g. the weights of a VAE a host already holds."""
+    (LDM or diffusers keys for an AutoencoderKL), e.g. the weights of a VAE a host already holds; ``settings`` as
+    :func:`load_vae` takes them."""
     check_tensor_kinds(sd, name)
+    fam = detect(sd)
+    chosen = _user_settings(fam, settings, name) | ({"norm_groups": norm_groups} if norm_groups else {})
     request = LoadRequest(family=family, scaling_factor=scaling_factor, shift_factor=shift_factor, path=name,
-                          all_keys=sd.keys(), settings={"norm_groups": norm_groups} if norm_groups else {})
-    return assemble(detect(sd), sd, name, request, container="state dict")
+                          all_keys=sd.keys(), settings=chosen)
+    return assemble(fam, sd, name, request, container="state dict")
 
 
 def load_vae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
              dtype: Union[str, torch.dtype, None] = torch.float32, *, family: Optional[str] = None,
-             scaling_factor: Optional[float] = None, shift_factor: Optional[float] = None) -> Vae:
+             scaling_factor: Optional[float] = None, shift_factor: Optional[float] = None,
+             settings: Optional[Mapping[str, Any]] = None) -> Vae:
     """Load any supported VAE file or folder, detecting its format from its keys.
 
     Args:
@@ -110,18 +126,24 @@ def load_vae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
             family (:mod:`vae_core.families.registry`): AutoencoderKL, Qwen-Image's, the tiny autoencoders.
         device, dtype: where and in which precision the model runs (``"fp16"``/``"bf16"``/``"fp32"``/``"auto"``).
         family, scaling_factor, shift_factor: override what the file says (e.g. ``family="sdxl"``).
+        settings: what the weights cannot say, per family (``Family.user_settings``): HunyuanVideo 1.0
+            ``chunked=True`` runs newer ComfyUI's chunked schedule (GroupNorm per 2-latent-frame chunk; memory
+            independent of the clip length) instead of the whole-clip reference, ``causal_attention=False`` its
+            unmasked mid-block attention; an AutoencoderKL's ``norm_groups``. Other keys are refused by name.
     Returns:
         a :class:`Vae` whose ``info`` says what was found and where each value came from.
     Raises:
         VaeLoadError: the path holds no loadable VAE (message names path, finding and expectation).
     """
     raw = read_weights(path)
+    fam = detect(raw.state_dict)
     request = LoadRequest(family=family, scaling_factor=scaling_factor, shift_factor=shift_factor, path=path,
+                          settings=_user_settings(fam, settings, raw.weights_file),
                           weights_file=raw.weights_file, config=raw.config,
                           config_path=raw.weights_file.parent / "config.json" if raw.config is not None else None,
                           metadata=raw.metadata, all_keys=raw.state_dict.keys(),
                           read_sibling=lambda twin: read_weights(twin).state_dict)
-    vae = assemble(detect(raw.state_dict), raw.state_dict, raw.weights_file, request, container=raw.container)
+    vae = assemble(fam, raw.state_dict, raw.weights_file, request, container=raw.container)
     return vae.to(device=device, dtype=dtype)
 
 

@@ -24,6 +24,7 @@ zero-filled; ``strict`` stops at the first.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -137,6 +138,16 @@ def weights_sha256(vae: Any) -> str:
 KEY_VERSION = 1
 
 
+def load_settings(vae: Any) -> dict[str, Any]:
+    """The VAE's load settings (``Family.user_settings``) whose values differ from its config's defaults, e.g.
+    HunyuanVideo 1.0's ``chunked``: they change the latents the same weights give."""
+    cfg = vae.model.config
+    if not vae.family.user_settings or not dataclasses.is_dataclass(cfg):
+        return {}
+    fields = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return {k: getattr(cfg, k) for k in vae.family.user_settings if k in fields and getattr(cfg, k) != fields[k]}
+
+
 def run_settings(vae: Any, settings: CacheSettings) -> dict[str, Any]:
     """The run's provenance record (the manifest's ``settings``)."""
     info = vae.info
@@ -144,6 +155,9 @@ def run_settings(vae: Any, settings: CacheSettings) -> dict[str, Any]:
                       "family": info.family, "network": vae.family.name, "scaling_factor": info.scaling_factor,
                       "shift_factor": info.shift_factor, "latent_channels": info.latent_channels,
                       "downscale": vae.model.config.downscale}, "key_version": KEY_VERSION}
+    chosen = load_settings(vae)
+    if chosen:  # only where a setting changes the network's function (earlier caches' keys stay as they were)
+        record["vae"]["settings"] = chosen
     record |= {k: v for k, v in asdict(settings).items() if k not in ("shard_size", "buckets")}
     record["buckets"] = None if settings.buckets is None else asdict(settings.buckets)
     return record
@@ -153,7 +167,7 @@ def key_settings(run: dict[str, Any]) -> dict[str, Any]:
     """What of the run shapes an item's latents (the key's part; the rest, e.g. the VAE's file name, the bucket
     table or ``--frames``, reaches the key through the item's own facts or not at all)."""
     v = run["vae"]
-    out = {"vae": {k: v[k] for k in ("sha256", "family", "scaling_factor", "shift_factor")},
+    out = {"vae": {k: v[k] for k in ("sha256", "family", "scaling_factor", "shift_factor", "settings") if k in v},
            "key_version": run["key_version"], "latents": run["latents"], "posterior": run["posterior"],
            "dtype": run["dtype"], "store_dtype": run["store_dtype"], "flip": run["flip"],
            "tile": run["tile"], "mode": run["mode"]}

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from ..devices import parse_device
 from ..errors import VaeInputError
 
-__all__ = ["tile_arg", "device_arg", "cache_arg", "size_arg"]
+__all__ = ["tile_arg", "device_arg", "cache_arg", "size_arg", "setting_arg"]
 
 
 def tile_arg(value: str) -> object:
@@ -58,3 +59,16 @@ def size_arg(value: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size {value!r}: expected N or WxH with sides of 8..65536 px "
                                          "(e.g. 512 or 1280x720)")
     return w, h
+
+
+def setting_arg(value: str) -> tuple[str, Any]:
+    """argparse type of ``--set KEY=VALUE`` (a load setting, :func:`vae_core.load_vae`'s ``settings``): VALUE as JSON
+    (``true``, ``false``, ``32``), else as a string."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set {value!r}: expected KEY=VALUE (e.g. chunked=true)")
+    try:
+        parsed: Any = json.loads(raw)
+    except ValueError:
+        parsed = raw
+    return key.strip(), parsed

@@ -16,7 +16,7 @@ from ..lab.bench import flop_ratio, measure
 from ..errors import VaeInputError
 from ..lab.metrics import signed_psnr as psnr, snr
 from ..precision.dtypes import HOST_CHOICES
-from .args import cache_arg, device_arg, size_arg
+from .args import cache_arg, device_arg, setting_arg, size_arg
 
 __all__ = ["cmd_bench", "add_bench_parser"]
 
@@ -39,6 +39,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bad = [f"{w}x{h}" for w, h in args.size or [] if w != h]
     if bad:
         raise VaeInputError(f"--size {bad[0]}: the image benchmark runs squares; expected N (WxH is for --frames)")
+    if args.settings:
+        raise VaeInputError("--set: the image benchmark runs the VAE as loaded; expected --frames N (a video "
+                            "benchmark) with --set")
     try:
         import diffusers  # noqa: F401
         have_diffusers = True
@@ -107,7 +110,7 @@ def _row(cells: list[str]) -> str:
 
 
 #: how the bench names a family's video schedules (:attr:`~vae_core.families.video.VideoFamily.video_schedules`)
-SCHEDULE_LABELS = {"level": "level-major", "tile": "tile-major", "auto": "op by op (whole-clip statistics)"}
+SCHEDULE_LABELS = {"level": "level-major", "tile": "tile-major", "auto": "op by op"}
 
 
 def _bench_video(args: argparse.Namespace) -> int:
@@ -120,7 +123,10 @@ def _bench_video(args: argparse.Namespace) -> int:
     from ..loading import load_vae
 
     frames, device = args.frames, args.device
-    config = load_vae(args.vae).model.config if args.vae else by_name("wan").config_type()
+    settings = dict(args.settings)
+    if settings and not args.vae:
+        raise VaeInputError(f"--set {', '.join(settings)} without --vae; expected --vae PATH (settings are the VAE's)")
+    config = load_vae(args.vae, settings=settings).model.config if args.vae else by_name("wan").config_type()
     family = for_config(config)
     if not family.video:
         raise VaeInputError(f"--frames {frames} with {args.vae}: {family.label}, which takes images only; expected a "
@@ -137,8 +143,10 @@ def _bench_video(args: argparse.Namespace) -> int:
     machine = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {os.cpu_count()} threads"
     print(f"# vae_core bench: {label}; {frames} frames; {args.dtype} on {machine}; torch {torch.__version__}; tile "
           f"{args.tile} px; cache {args.cache_bytes}; median of {args.runs} run(s)")
-    impls = [(f"untiled ({family.video_reference})", "untiled", None)]
-    impls += [(f"vae_core exact, {SCHEDULE_LABELS[s]}", "ours", s) for s in family.video_schedules]
+    reference = "chunked network" if getattr(config, "chunked", False) else family.video_reference
+    impls = [(f"untiled ({reference})", "untiled", None)]
+    chunks = " per chunk" if getattr(config, "chunked", False) else ""
+    impls += [(f"vae_core exact, {SCHEDULE_LABELS[s]}{chunks}", "ours", s) for s in family.video_schedules]
     if importlib.util.find_spec("diffusers") is not None:  # diffusers has every video family here
         impls += [("diffusers untiled", "diffusers-untiled", None), ("diffusers tiled", "diffusers", None)]
     mem_label = "peak alloc" if device == "cuda" else "peak RSS"
@@ -153,7 +161,7 @@ def _bench_video(args: argparse.Namespace) -> int:
                     out = os.path.join(tmp, f"{op}{w}x{h}{impl}{schedule}.safetensors")
                     spec = {"op": op, "size": [w, h], "frames": frames, "impl": impl, "tile": args.tile,
                             "schedule": schedule or "auto", "dtype": args.dtype, "device": device, "runs": args.runs,
-                            "vae": args.vae, "out": out, "cache_bytes": args.cache_bytes}
+                            "vae": args.vae, "settings": settings, "out": out, "cache_bytes": args.cache_bytes}
                     res = measure(spec)
                     if res["status"] != "ok":
                         print(_row([op, f"{w}x{h}", name, f"{res['status']} {res.get('error', '')}"] + [""] * 5),
@@ -198,6 +206,8 @@ def add_bench_parser(sub: Any) -> None:
     s.add_argument("--dtype", default="fp32", choices=list(HOST_CHOICES))
     s.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--vae", default=None, help="VAE to benchmark (default: random-weight SD-width model)")
+    s.add_argument("--set", dest="settings", type=setting_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="a load setting of --vae (repeatable; videos), e.g. chunked=true for HunyuanVideo 1.0")
     s.add_argument("--tile", type=int, default=256, help="tile edge in image px (ours and diffusers')")
     s.add_argument("--op", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     s.add_argument("--runs", type=int, default=1)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import VaeInputError
-from .args import tile_arg
+from .args import setting_arg, tile_arg
 
 __all__ = ["add_cache_parsers", "cmd_cache", "cmd_cache_export", "cmd_cache_bench"]
 
@@ -78,7 +78,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
-    vae = load_vae(args.vae, device=device, dtype=args.dtype)
+    vae = load_vae(args.vae, device=device, dtype=args.dtype, settings=dict(args.settings))
     summary = run_cache(args.data, out, vae, settings, env, strict=args.strict,
                         progress=None if args.quiet else _bar)
     if env.rank == 0 and not args.quiet:
@@ -150,6 +150,9 @@ def add_cache_parsers(sub: Any) -> None:
     s.add_argument("data", nargs="*", help="image/video folders, file lists (.txt) or webdataset tar shards")
     s.add_argument("-o", "--output", required=True, help="the cache folder (created; re-running resumes it)")
     s.add_argument("--vae", help="the VAE (any file or folder vae_core loads)")
+    s.add_argument("--set", dest="settings", type=setting_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="a load setting of the VAE (repeatable), e.g. chunked=true for HunyuanVideo 1.0 (recorded in "
+                   "the manifest and every item's key)")
     s.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK where CUDA is, else cpu")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the VAE's compute dtype (the "
                    "NaN guard retries wider)")

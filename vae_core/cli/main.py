@@ -23,7 +23,7 @@ import torch
 
 from ..io import images
 from ..precision.dtypes import HOST_CHOICES
-from .args import cache_arg, device_arg, tile_arg
+from .args import cache_arg, device_arg, setting_arg, tile_arg
 from ..errors import VaeError, VaeInputError
 from ..families.scaling import FAMILIES
 from ..io.images import check_latent_output, image_format, latent_metadata, latent_ndim, load_image, load_latent, \
@@ -67,6 +67,10 @@ def _add_run_args(p: argparse.ArgumentParser, vae_required: bool = False) -> Non
     p.add_argument("--cache-bytes", type=cache_arg, default="auto", help="exact tiling's cache budget in bytes, or "
                    "'auto' (default: a share of free memory); less is slower, never less exact")
     p.add_argument("--family", type=_family, default=None, help=f"override the detected family ({', '.join(FAMILIES)})")
+    p.add_argument("--set", dest="settings", type=setting_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="a load setting the weights cannot say (repeatable), e.g. chunked=true: HunyuanVideo 1.0 in "
+                   "newer ComfyUI's 2-latent-frame chunks (memory independent of the clip length) instead of the "
+                   "whole-clip reference")
 
 
 def _bundled(name: str, what: str, label: str, expected: str) -> Path:
@@ -103,7 +107,7 @@ def _first_vae_path(args: argparse.Namespace) -> Path:
 
 
 def _load(args: argparse.Namespace, path: Path) -> Vae:
-    vae = load_vae(path, device=args.device, dtype=torch.float32, family=args.family)
+    vae = load_vae(path, device=args.device, dtype=torch.float32, family=args.family, settings=dict(args.settings))
     if args.fp16_fix:
         vae = make_fp16_safe(vae)
         print(f"fp16 fix: largest activation {vae.info.fp16_fix['peak_before']:.4g} -> "

@@ -67,7 +67,8 @@ class LoadRequest:
         path: what the user gave (file name hints); ``weights_file``: the file the tensors came from.
         config, config_path: a diffusers ``config.json`` and its path; ``metadata``: safetensors metadata.
         all_keys: every key of a full checkpoint (its other parts hint at the family).
-        settings: config.json settings shapes cannot give (``norm_groups``, ``bn_eps``).
+        settings: settings shapes cannot give (``norm_groups``, ``bn_eps``; HunyuanVideo 1.0's ``chunked`` and
+            ``causal_attention``), from the caller (:attr:`Family.user_settings`).
         read_sibling: reads a file beside ``weights_file`` (a TAESD half's twin); None where there is no file.
         host: the weights are a host's live module (no files, no name hints).
     """
@@ -168,6 +169,9 @@ class Family:
                      dtype: torch.dtype = torch.float32) -> int:
         """Cache bytes for full-speed exact tiling (0: the plan needs none, e.g. halos)."""
         return 0
+
+    #: the settings a user may give at load time (``load_vae(settings=...)``), what the weights cannot say
+    user_settings: tuple[str, ...] = ()
 
     #: whether the family's networks take videos ``[B, C, T, H, W]`` as well as images
     video: bool = False

@@ -29,7 +29,7 @@ def video_model(spec: dict[str, Any]) -> torch.nn.Module:
     from ..loading import load_vae
 
     if spec.get("vae"):
-        return load_vae(spec["vae"]).model
+        return load_vae(spec["vae"], settings=spec.get("settings")).model
     torch.manual_seed(0)
     wan = by_name("wan")
     return wan.build(wan.config_type(**spec.get("config", {}))).eval().requires_grad_(False)

@@ -29,6 +29,11 @@ to 57 GB per register). Registers live on the compute device when they fit
 in half its free memory, else in CPU memory (pieces copied over). This is the price of the whole-clip reference;
 the output equals the untiled pass to float rounding.
 
+A *chunked* schedule (HunyuanVideo 1.0 as newer ComfyUI runs it: GroupNorms per chunk of frames, causal convs
+reading the previous chunk's last input frames) runs one program per chunk over the chunk alone, with ``carry``
+(:class:`Carries`): a conv's window reaching before the chunk's first frame reads the carried frames instead of
+replicating, and each conv leaves its input's last frames for the next chunk. Then the registers hold one chunk.
+
 Shapes: registers ``[B, C, T, H, W]``; intervals are half-open ``(start, end)``.
 """
 from __future__ import annotations
@@ -45,7 +50,8 @@ from .geometry import split
 from .options import TileOptions, stepper
 from .stats import StatsAccumulator, apply_norm
 
-__all__ = ["Axis", "ConvOp", "AttnOp", "Attend", "Program", "Clip", "run_program", "plan_bytes", "PIECE_FRAMES"]
+__all__ = ["Axis", "ConvOp", "AttnOp", "Attend", "Program", "Clip", "Carries", "run_program", "count_pieces",
+           "activation_bytes", "plan_bytes", "PIECE_FRAMES"]
 
 #: output frames per piece
 PIECE_FRAMES = 4
@@ -249,6 +255,65 @@ def _gather(reg: Clip, axes: Axes, ranges: tuple[tuple[int, int], ...], device: 
     return win
 
 
+def _activate(op: ConvOp, win: torch.Tensor, mean_var: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``SiLU(norm(win))`` with the register's statistics, or ``win`` for an op without a norm."""
+    if op.norm is None or mean_var is None:
+        return win
+    return F.silu(apply_norm(op.norm, win, *mean_var), inplace=True)
+
+
+def _window(op: ConvOp, src: Clip, ranges: tuple[tuple[int, int], ...], device: torch.device,
+            mean_var: Optional[tuple[torch.Tensor, torch.Tensor]], prefix: Optional[torch.Tensor]) -> torch.Tensor:
+    """The activated window ``op``'s conv reads for outputs ``ranges``. With ``prefix`` (an earlier chunk's last
+    activated input frames, in upsampled time, ``[B, C, P, H, W]`` at the input's rows and cols), the frames before
+    the first come from it instead of replicating the first frame."""
+    a = op.axes[0]
+    t0, t1 = ranges[0][0] * a.s - a.lo, (ranges[0][1] - 1) * a.s - a.lo + a.k  # in upsampled input frames
+    if prefix is None or t0 >= 0:
+        return _activate(op, _gather(src, op.axes, ranges, device), mean_var)
+    n = prefix.shape[2]
+    parts = [_gather(Clip.of(prefix), (Axis(),) + op.axes[1:], ((n + t0, n + min(t1, 0)), *ranges[1:]), device)]
+    if t1 > 0:
+        axes = (Axis(up=a.up, first=a.first),) + op.axes[1:]
+        parts.append(_activate(op, _gather(src, axes, ((0, t1), *ranges[1:]), device), mean_var))
+    return torch.cat(parts, dim=2)
+
+
+def _carry_out(op: ConvOp, src: Clip, run: "_Run", mean_var: Optional[tuple[torch.Tensor, torch.Tensor]],
+               prefix: Optional[torch.Tensor]) -> torch.Tensor:
+    """The last ``lo`` frames of ``op``'s activated, upsampled input after ``prefix`` (or after the replicated first
+    frame), whole rows and cols, on the register store: what the next chunk's run of ``op`` reads before its first
+    frame."""
+    a = op.axes[0]
+    n_up = a.upsampled(src.shape[2])
+    rows, cols = src.shape[3], src.shape[4]
+    axes = (Axis(up=a.up, first=a.first), Axis(), Axis())
+    keep = min(a.lo, n_up)
+    tail = _activate(op, _gather(src, axes, ((n_up - keep, n_up), (0, rows), (0, cols)), run.device), mean_var)
+    if keep < a.lo:  # a short input: the frames before it
+        before = prefix.to(run.device) if prefix is not None else tail[:, :, :1].expand(-1, -1, a.lo, -1, -1)
+        tail = torch.cat([before[:, :, before.shape[2] - (a.lo - keep):], tail], dim=2)
+    return tail.to(run.store).contiguous()
+
+
+@dataclass
+class Carries:
+    """What a chunk of a chunked schedule hands the next (:func:`run_program` with ``carry``): per op index, the
+    last input frames its conv reads before the next chunk's first (``prev``: from the chunk before; ``next``: filled
+    by this run when ``keep``)."""
+
+    prev: dict[int, torch.Tensor] = field(default_factory=dict)
+    next: dict[int, torch.Tensor] = field(default_factory=dict)
+    keep: bool = True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.prev, self.next) for t in d.values())
+
+    def advance(self) -> None:
+        self.prev, self.next = self.next, {}
+
+
 @dataclass
 class _Run:
     """What one call keeps: registers, their statistics, which op reads each register last, and figures for the
@@ -257,6 +322,7 @@ class _Run:
     device: torch.device
     store: torch.device
     last: dict[str, int]
+    carry: Optional[Carries] = None
     regs: dict[str, Clip] = field(default_factory=dict)
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     index: int = 0
@@ -267,7 +333,8 @@ class _Run:
     widest: int = 0
 
     def measure(self) -> None:
-        self.store_peak = max(self.store_peak, sum(c.nbytes for c in self.regs.values()))
+        held = sum(c.nbytes for c in self.regs.values()) + (self.carry.nbytes if self.carry is not None else 0)
+        self.store_peak = max(self.store_peak, held)
 
     def release(self, name: Optional[str], frame: int) -> None:
         """The op running reads register ``name`` from ``frame`` on only: if it is the last reader, drop the rest."""
@@ -315,14 +382,18 @@ def _conv_op(op: ConvOp, run: _Run, out: Optional[torch.Tensor], final: bool, ti
     shape = [a.out_len(n) for a, n in zip(op.axes, n_in)]
     edge = _edge(tile, image_w / shape[2], (shape[1], shape[2]))
     mean_var = run.stats.get(op.src) if op.norm is not None else None
+    if op.norm is not None and mean_var is None:
+        raise RuntimeError(f"no statistics for register {op.src}")
+    prefix = None
+    if run.carry is not None and op.axes[0].lo > 0:
+        prefix = run.carry.prev.get(run.index)
+        if run.carry.keep:  # before this op frees its input: the input's last frames, for the next chunk
+            run.carry.next[run.index] = _carry_out(op, src, run, mean_var, prefix)
     dst: Optional[Sink] = None
     for f in frame_groups(shape[0]):
         for r in split(shape[1], edge):
             for c in split(shape[2], edge):
-                win = _gather(src, op.axes, (f, r, c), run.device)
-                if op.norm is not None:
-                    assert mean_var is not None, f"no statistics for register {op.src}"
-                    win = F.silu(apply_norm(op.norm, win, *mean_var), inplace=True)
+                win = _window(op, src, (f, r, c), run.device, mean_var, prefix)
                 y = op.conv(win)
                 run.largest = max(run.largest, win.numel(), y.numel())
                 del win
@@ -349,6 +420,9 @@ def _conv_op(op: ConvOp, run: _Run, out: Optional[torch.Tensor], final: bool, ti
         if f[1] < shape[0]:  # the next frames read their inputs from here on
             run.release(op.src, op.axes[0].sources(f[1], f[1] + 1, n_in[0])[0])
             run.release(op.res, f[1])
+        if prefix is not None and run.carry is not None and f[1] * op.axes[0].s >= op.axes[0].lo:
+            run.carry.prev.pop(run.index, None)  # no later piece reads the carried frames
+            prefix = None
     assert dst is not None
     return dst
 
@@ -406,19 +480,29 @@ def _groups(program: Program, reg: str) -> int:
 
 def run_program(program: Program, x: torch.Tensor, tile: Optional[int], image_w: int, opts: TileOptions,
                 out: Optional[torch.Tensor] = None, store: Optional[torch.device] = None,
-                figures: Optional[dict[str, int]] = None) -> torch.Tensor:
+                figures: Optional[dict[str, int]] = None, carry: Optional[Carries] = None,
+                step: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Run ``program`` on ``x [B, C, T, H, W]``: pieces of about ``tile`` image px (None: whole frames), frames in
     groups of :data:`PIECE_FRAMES`; ``image_w`` the image-side width (for the piece size at each resolution);
     registers on ``store`` (default: ``x``'s device); the output into ``out`` if given. ``figures`` (a dict)
     receives ``store_peak`` (bytes of the registers alive at once, at most), ``widest`` (bytes of the largest
     register), ``kv`` (bytes of the attention's keys and values, on the compute device), ``largest`` (elements of the
-    largest piece tensor) and ``pieces``.
+    largest piece tensor) and ``pieces``. ``carry``: the program is one chunk of a chunked schedule (its causal
+    convs read the previous chunk's last frames from ``carry.prev`` and leave theirs in ``carry.next``; counted in
+    ``store_peak``). ``step``: called after each piece instead of the call's own progress (a caller running several
+    programs as one call).
 
     Progress counts pieces over all ops (``opts.progress``); ``opts.cancel`` is checked between them (Cancelled).
     """
-    run = _Run(x.device, x.device if store is None else store, program.last_use())
+    run = _Run(x.device, x.device if store is None else store, program.last_use(), carry)
     run.regs[program.input] = Clip.of(x)
-    step = stepper(opts, _count_pieces(program, x, tile, image_w), "pieces")
+    if step is None:
+        step = stepper(opts, count_pieces(program, x, tile, image_w), "pieces")
+    if program.input in program.norms:  # the first op normalises the input itself (a chunk of a chunked schedule)
+        acc = StatsAccumulator()
+        for f0, f1 in frame_groups(x.shape[2]):
+            acc.add(x[:, :, f0:f1].to(run.device), _groups(program, program.input))
+        run.stats[program.input] = acc.result()
 
     y: Optional[Sink] = None
     for i, op in enumerate(program.ops):
@@ -444,7 +528,7 @@ def run_program(program: Program, x: torch.Tensor, tile: Optional[int], image_w:
     return y
 
 
-def _count_pieces(program: Program, x: torch.Tensor, tile: Optional[int], image_w: int) -> int:
+def count_pieces(program: Program, x: torch.Tensor, tile: Optional[int], image_w: int) -> int:
     sizes = {program.input: tuple(x.shape[2:])}
     total = 0
     for op in program.ops:
@@ -460,6 +544,13 @@ def _count_pieces(program: Program, x: torch.Tensor, tile: Optional[int], image_
     return total
 
 
+def activation_bytes(figures: dict[str, int], size: int) -> int:
+    """What the compute device holds besides the registers, from a run's ``figures`` and the element size: the
+    attention's keys and values and about three copies of the largest piece tensor (a window, its normalised copy,
+    the conv's output; in fp16/bf16 two more in float32, as the norm computes)."""
+    return figures["kv"] + (3 * size + (2 * 4 if size < 4 else 0)) * figures["largest"]
+
+
 def plan_bytes(program: Program, x: torch.Tensor, tile: Optional[int], image_w: int) -> dict[str, int]:
     """Estimated bytes of :func:`run_program` on ``x`` (a ``meta`` tensor of the real shape and dtype, ``program``
     from a ``meta`` twin of the network): a dry run. ``stores``: the registers alive at once; ``widest``: the
@@ -469,7 +560,6 @@ def plan_bytes(program: Program, x: torch.Tensor, tile: Optional[int], image_w: 
     figures: dict[str, int] = {}
     y = run_program(program, x, tile, image_w, TileOptions(), figures=figures)
     size = x.element_size()
-    per = 3 * size + (2 * 4 if size < 4 else 0)
-    act = figures["kv"] + per * figures["largest"]
+    act = activation_bytes(figures, size)
     return {"state": 0, "stores": figures["store_peak"], "widest": figures["widest"], "activations": act,
             "output": y.numel() * size, "total": figures["store_peak"] + act}

@@ -109,8 +109,9 @@ def hv10_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
                 config: Optional[Mapping[str, Any]] = None) -> HV10Config:
     """The config of a canonical state dict: widths, blocks per level and channels from its shapes; the GroupNorm
     groups and the time compression from ``config`` (diffusers' ``norm_num_groups``, ``temporal_compression_ratio``;
-    defaults 32 and 4, the only ones diffusers and ComfyUI build; ``act_fn`` must be SiLU), and ``causal_attention``
-    (a host's setting; default True, the released model's frame-causal mask).
+    defaults 32 and 4, the only ones diffusers and ComfyUI build; ``act_fn`` must be SiLU), ``causal_attention``
+    (a host's setting; default True, the released model's frame-causal mask) and ``chunked`` (a host's or the
+    caller's; default False, the whole-clip reference).
 
     Raises:
         VaeLoadError: a required tensor missing, or shapes or settings that do not fit the design (naming them).
@@ -141,6 +142,7 @@ def hv10_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
     groups = _setting(config, "norm_num_groups", 32, tuple(g for g in (1, 2, 4, 8, 16, 32, 64)
                                                              if all(w % g == 0 for w in widths)), path)
     causal = _setting(config, "causal_attention", True, (True, False), path)
+    chunked = _setting(config, "chunked", False, (True, False), path)
     if config and config.get("act_fn") not in (None, "silu", "swish"):
         raise VaeLoadError(path, f"act_fn = {config['act_fn']!r}", "'silu' (HunyuanVideo 1.0's activation)")
     temporal = {4: 2}[ft]
@@ -148,4 +150,5 @@ def hv10_config(sd: Mapping[str, torch.Tensor], path: object = "<state dict>",
         raise VaeLoadError(path, f"{levels} levels with time compression {ft}",
                            f"at least {temporal + 1} levels (one resampler per halving of the frame count)")
     return HV10Config(block_out_channels=tuple(widths), num_res_blocks=num_res, z_dim=z, in_channels=conv_in[1],
-                      out_channels=cout, temporal_levels=temporal, norm_groups=groups, causal_attention=causal)
+                      out_channels=cout, temporal_levels=temporal, norm_groups=groups, causal_attention=causal,
+                      chunked=chunked)

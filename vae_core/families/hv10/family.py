@@ -20,8 +20,10 @@ from ..base import Canonical, LatentFormat, LoadRequest, scale_only_format
 from ..groupnorm_fix import fp16_fix_model
 from ..video import VideoFamily, meta_input
 from ...errors import VaeError, VaeInputError, VaeLoadError
-from ...tiling.clip import plan_bytes, run_program
+from ...tiling.clip import activation_bytes, plan_bytes, run_program
 from ...tiling.memory import cpu_available, free_memory
+from ...tiling.options import TileOptions
+from .chunked import run_chunked
 from .convert import canonical_to_diffusers, hv10_config, hv10_to_canonical, is_hv10
 from .model import HV10Config, HV10VAE, program
 
@@ -43,11 +45,20 @@ def _device(model: nn.Module) -> torch.device:
 @functools.lru_cache(maxsize=32)
 def _plan(cfg: HV10Config, kind: str, frames: int, height: int, width: int, tile: Optional[int],
           dtype: torch.dtype) -> dict[str, int]:
-    """:func:`~vae_core.tiling.clip.plan_bytes` of a ``kind`` call (batch 1) on a ``meta`` twin built for ``cfg``."""
+    """:func:`~vae_core.tiling.clip.plan_bytes` of a ``kind`` call (batch 1) on a ``meta`` twin built for ``cfg``
+    (chunked: a dry run of :func:`~vae_core.families.hv10.chunked.run_chunked`'s first, second and last chunk, the
+    latent-resolution clip between its parts counted with the registers)."""
     with torch.device("meta"):
         twin = HV10VAE(cfg).to(dtype)
+    x = meta_input(cfg, kind, frames, height, width, dtype)
     with torch.no_grad():
-        return plan_bytes(program(twin, kind), meta_input(cfg, kind, frames, height, width, dtype), tile, width)
+        if not cfg.chunked:
+            return plan_bytes(program(twin, kind), x, tile, width)
+        figures: dict[str, int] = {}
+        y = run_chunked(twin, kind, x, tile, width, TileOptions(), figures=figures, sample=True)
+    act = activation_bytes(figures, x.element_size())
+    return {"state": 0, "stores": figures["store_peak"], "widest": figures["widest"], "activations": act,
+            "output": y.numel() * x.element_size(), "total": figures["store_peak"] + act}
 
 
 class HV10Family(VideoFamily):
@@ -55,6 +66,7 @@ class HV10Family(VideoFamily):
 
     video_schedules = ("auto",)  # one engine: schedule= does not apply
     video_reference = "whole-clip reference"
+    user_settings = ("chunked", "causal_attention", "norm_groups")
 
     def recognises(self, sd: Mapping[str, torch.Tensor]) -> bool:
         return is_hv10(sd)
@@ -65,7 +77,8 @@ class HV10Family(VideoFamily):
 
     def config(self, canon: Canonical, where: object, request: LoadRequest) -> HV10Config:
         """From the shapes, and what they cannot say from (lowest first) the file's metadata, the caller's
-        ``norm_groups`` setting, config.json or a host module's settings."""
+        ``norm_groups`` setting, config.json or a host module's settings, the caller's ``chunked`` and
+        ``causal_attention`` settings."""
         settings: dict[str, Any] = {}
         meta = (request.metadata or {}).get(_META)
         if meta is not None:
@@ -79,6 +92,7 @@ class HV10Family(VideoFamily):
         if request.settings.get("norm_groups"):
             settings["norm_num_groups"] = request.settings["norm_groups"]
         settings.update(request.config or {})
+        settings.update({k: v for k, v in request.settings.items() if k in ("chunked", "causal_attention")})
         return hv10_config(canon.state_dict, request.config_path or where, settings)
 
     def file_metadata(self, model: nn.Module, layout: str) -> dict[str, str]:
@@ -96,17 +110,25 @@ class HV10Family(VideoFamily):
     def summary(self, model: nn.Module, fmt: LatentFormat) -> list[tuple[str, str]]:
         cfg = model.config
         mask = "frame-causal (as released)" if cfg.causal_attention else "unmasked (as ComfyUI runs it)"
+        if cfg.chunked:
+            norms = (f"GroupNorm({cfg.norm_groups}) per chunk (newer ComfyUI's schedule: 2 latent frames per decoder "
+                     "chunk, frame 0 then 8 frames per encoder chunk, causal convs carried across)")
+            what = "the chunked schedule"
+        else:
+            norms, what = f"GroupNorm({cfg.norm_groups}) over the whole clip", "the whole-clip reference"
         return [("network", f"HunyuanVideo 1.0 design (videos and images; {cfg.downscale}× in space, "
                             f"{cfg.temporal_scale}× in time): widths {list(cfg.block_out_channels)}, "
-                            f"{cfg.num_res_blocks} res blocks per level, GroupNorm({cfg.norm_groups}) over the whole "
-                            f"clip, mid-block attention over every latent pixel of the clip, {mask}; tiling runs the "
-                            "whole-clip reference exactly, op by op in pieces")]
+                            f"{cfg.num_res_blocks} res blocks per level, {norms}, mid-block attention over every "
+                            f"latent pixel of the clip, {mask}; tiling runs {what} exactly, op by op in pieces")]
 
     def host_settings(self, module: nn.Module) -> dict[str, Any]:
         """What a host's live module says that its tensors do not: the mid-block attention's mask (ours says
-        ``causal``; ComfyUI's ``AttnBlock`` attends over every token unmasked) and the GroupNorm groups."""
+        ``causal``; ComfyUI's ``AttnBlock`` attends over every token unmasked), the GroupNorm groups, and whether it
+        runs in chunks (newer ComfyUI's encoder and decoder say ``carried``)."""
         out: dict[str, Any] = {}
         for name, m in module.named_modules():
+            if name.rpartition(".")[2] in ("encoder", "decoder") and isinstance(getattr(m, "carried", None), bool):
+                out["chunked"] = out.get("chunked", False) or m.carried
             if name.endswith("mid.attn_1") and "causal_attention" not in out:
                 out["causal_attention"] = bool(getattr(m, "causal", False))
             if isinstance(m, nn.GroupNorm) and "norm_num_groups" not in out:
@@ -162,13 +184,18 @@ class HV10Family(VideoFamily):
             if not self._stores_on_device(stores, x.device):
                 store = torch.device("cpu")
                 if stores > cpu_available():
+                    why = "a chunk's registers" if cfg.chunked else "the whole-clip statistics"
                     raise VaeError(f"{kind} of {frames} frames of {x.shape[4] * f}x{x.shape[3] * f} px (batch "
-                                   f"{x.shape[0]}): the whole-clip statistics need {stores / 2**30:.1f} GiB of "
+                                   f"{x.shape[0]}): {why} need {stores / 2**30:.1f} GiB of "
                                    f"registers, more than half the device's free memory and more than the "
                                    f"{cpu_available() / 2**30:.1f} GiB of CPU memory available; expected a shorter "
-                                   "clip or a smaller size (HunyuanVideo 1.0's GroupNorms span the whole clip)")
-                log.info("%s: whole-clip registers (%.1f GiB) kept in CPU memory", kind, stores / 2**30)
-            y = run_program(program(model, kind, moments), x, tile, x.shape[-1] * f, opts, store=store)
+                                   "clip or a smaller size (HunyuanVideo 1.0's GroupNorms span the whole clip; "
+                                   "settings={'chunked': True} runs newer ComfyUI's chunks)")
+                log.info("%s: registers (%.1f GiB) kept in CPU memory", kind, stores / 2**30)
+            if cfg.chunked:
+                y = run_chunked(model, kind, x, tile, x.shape[-1] * f, opts, moments, store=store)
+            else:
+                y = run_program(program(model, kind, moments), x, tile, x.shape[-1] * f, opts, store=store)
             return y if t.dim() == 5 else y.squeeze(2)
         return run
 

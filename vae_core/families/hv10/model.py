@@ -35,14 +35,15 @@ from ...errors import VaeInputError
 from ...tiling.clip import Axis, AttnOp, ConvOp, Program
 from ..layers import frame_attention
 
-__all__ = ["HV10Config", "HV10VAE", "program"]
+__all__ = ["HV10Config", "HV10VAE", "Carry", "decode_chunks", "encode_chunks", "program"]
 
 
 @dataclass(frozen=True)
 class HV10Config:
     """Shape of a HunyuanVideo 1.0-design VAE: level widths, residual blocks per level (decoder: one more), latent
-    channels, how many of the downsampling levels (the last ones) halve the frame count too, the GroupNorm groups, and
-    whether the mid-block attention is frame-causal (diffusers, Tencent) or not (ComfyUI)."""
+    channels, how many of the downsampling levels (the last ones) halve the frame count too, the GroupNorm groups,
+    whether the mid-block attention is frame-causal (diffusers, Tencent) or not (ComfyUI), and whether the network
+    runs in chunks (``chunked``: newer ComfyUI's schedule, see :func:`decode_chunks`) instead of the whole clip."""
 
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     num_res_blocks: int = 2
@@ -52,6 +53,7 @@ class HV10Config:
     temporal_levels: int = 2
     norm_groups: int = 32
     causal_attention: bool = True
+    chunked: bool = False
 
     @property
     def levels(self) -> int:
@@ -87,9 +89,37 @@ class HV10Config:
         return 1 <= level <= self.temporal_levels
 
 
+class Carry:
+    """What a chunk hands the next (newer ComfyUI's ``conv_carry``): for each causal conv, the last ``k − 1`` frames
+    of its (padded) input. ``first``: this is the first chunk (convs replicate-pad, the temporal upsampler keeps
+    frame 0 single)."""
+
+    def __init__(self) -> None:
+        self.prev: dict[nn.Module, torch.Tensor] = {}
+        self.next: dict[nn.Module, torch.Tensor] = {}
+        self.first = True
+
+    def advance(self) -> None:
+        self.prev, self.next, self.first = self.next, {}, False
+
+
+def decode_chunks(latent_frames: int) -> list[tuple[int, int]]:
+    """Latent frame ranges of the chunked decoder: 2 latent frames each (newer ComfyUI, #10995: ``conv_in`` and the
+    mid block run over the whole latent clip, then each chunk's up path, GroupNorms over the chunk only)."""
+    return [(i, min(i + 2, latent_frames)) for i in range(0, latent_frames, 2)]
+
+
+def encode_chunks(frames: int, temporal_scale: int) -> list[tuple[int, int]]:
+    """Frame ranges of the chunked encoder: frame 0 alone, then ``2·ft`` frames each (the down path per chunk,
+    GroupNorms over the chunk only; then the mid block over the whole latent clip). ``frames = 1 + ft·k``."""
+    step = 2 * temporal_scale
+    return [(0, 1)] + [(i, min(i + step, frames)) for i in range(1, frames, step)]
+
+
 class CausalConv3d(nn.Module):
     """A 3-D conv (``.conv``, no padding of its own) on a replicate-padded input: ``k − 1`` frames before (none
-    after), ``k // 2`` pixels on each side; ``stride`` (time, rows, cols)."""
+    after), ``k // 2`` pixels on each side; ``stride`` (time, rows, cols). With a :class:`Carry` from an earlier
+    chunk, its frames replace the replicated ones (and this call's last input frames go to the next chunk)."""
 
     def __init__(self, cin: int, cout: int, k: int = 3, stride: tuple[int, int, int] = (1, 1, 1)) -> None:
         super().__init__()
@@ -99,9 +129,17 @@ class CausalConv3d(nn.Module):
         p = self.conv.kernel_size[1] // 2
         return (p, p, p, p, self.conv.kernel_size[0] - 1, 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv.kernel_size[0] > 1:
+    def forward(self, x: torch.Tensor, carry: Optional["Carry"] = None) -> torch.Tensor:
+        k = self.conv.kernel_size[0]
+        if k == 1:
+            return self.conv(x)
+        prev = None if carry is None else carry.prev.get(self)
+        if prev is None:
             x = F.pad(x, self.pads(), mode="replicate")
+        else:  # the previous chunk's last input frames instead of the replicated first one
+            x = torch.cat([prev, F.pad(x, self.pads()[:4] + (0, 0), mode="replicate")], dim=2)
+        if carry is not None:
+            carry.next[self] = x[:, :, x.shape[2] - (k - 1):]
         return self.conv(x)
 
     def axes(self, up: tuple[int, int] = (1, 1), first: bool = False) -> tuple[Axis, Axis, Axis]:
@@ -125,9 +163,9 @@ class ResnetBlock(nn.Module):
         self.norm2, self.conv2 = _norm(cfg, cout), CausalConv3d(cout, cout)
         self.nin_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), carry)
+        h = self.conv2(F.silu(self.norm2(h)), carry)
         return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
@@ -156,25 +194,28 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = CausalConv3d(channels, channels, 3, stride=(2 if time else 1, 2, 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+    def forward(self, x: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+        return self.conv(x, carry)
 
 
 class Upsample(nn.Module):
     """Nearest ×2 in space (and in time with ``time``: frame 0 stays one frame, ``T → 1 + 2(T − 1)``), then a
-    causal conv."""
+    causal conv. A later chunk (``carry`` not first) doubles every frame."""
 
     def __init__(self, channels: int, time: bool) -> None:
         super().__init__()
         self.time = time
         self.conv = CausalConv3d(channels, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+        t = 2 if self.time else 1
+        if carry is not None and not carry.first:
+            return self.conv(F.interpolate(x, scale_factor=(t, 2, 2), mode="nearest"), carry)
         first = F.interpolate(x[:, :, :1], scale_factor=(1, 2, 2), mode="nearest")
         if x.shape[2] > 1:
-            rest = F.interpolate(x[:, :, 1:], scale_factor=(2 if self.time else 1, 2, 2), mode="nearest")
+            rest = F.interpolate(x[:, :, 1:], scale_factor=(t, 2, 2), mode="nearest")
             first = torch.cat((first, rest), dim=2)
-        return self.conv(first)
+        return self.conv(first, carry)
 
 
 def _mid(cfg: HV10Config, dim: int) -> nn.Module:
@@ -234,16 +275,29 @@ class HV10VAE(nn.Module):
     # -- reference calls ---------------------------------------------------------------------------------------
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """Videos ``[B, 3, 1 + 4k, H, W]`` → the posterior's raw mean and log-variance ``[B, 2z, 1 + k, H/8, W/8]``
-        (images ``[B, 3, H, W]`` → ``[B, 2z, H/8, W/8]``), the whole clip in one pass."""
+        (images ``[B, 3, H, W]`` → ``[B, 2z, H/8, W/8]``), the whole clip in one pass (``config.chunked``: the down
+        path per :func:`encode_chunks` chunk, then the rest over the whole latent clip)."""
         if x.dim() == 4:
             return self.encode_moments(x.unsqueeze(2)).squeeze(2)
         e = self.encoder
-        h = e.conv_in(x)
-        for level in e.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+
+        def down(h: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+            h = e.conv_in(h, carry)
+            for level in e.down:
+                for block in level.block:
+                    h = block(h, carry)
+                if hasattr(level, "downsample"):
+                    h = level.downsample(h, carry)
+            return h
+
+        if self.config.chunked:
+            carry, parts = Carry(), []
+            for f0, f1 in encode_chunks(x.shape[2], self.config.temporal_scale):
+                parts.append(down(x[:, :, f0:f1], carry))
+                carry.advance()
+            h = torch.cat(parts, dim=2)
+        else:
+            h = down(x)
         h = e.mid.block_2(e.mid.attn_1(e.mid.block_1(h)))
         return self.quant_conv(e.conv_out(F.silu(e.norm_out(h))))
 
@@ -253,18 +307,29 @@ class HV10VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents ``[B, z, T, h, w]`` → videos ``[B, 3, 1 + 4(T − 1), 8h, 8w]`` (``[B, z, h, w]`` → images
-        ``[B, 3, 8h, 8w]``), the whole clip in one pass."""
+        ``[B, 3, 8h, 8w]``), the whole clip in one pass (``config.chunked``: ``conv_in`` and the mid block over the
+        whole clip, the rest per :func:`decode_chunks` chunk)."""
         if z.dim() == 4:
             return self.decode(z.unsqueeze(2)).squeeze(2)
         d = self.decoder
         h = d.conv_in(self.post_quant_conv(z))
         h = d.mid.block_2(d.mid.attn_1(d.mid.block_1(h)))
-        for level in reversed(d.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return d.conv_out(F.silu(d.norm_out(h)))
+
+        def up(h: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+            for level in reversed(d.up):
+                for block in level.block:
+                    h = block(h, carry)
+                if hasattr(level, "upsample"):
+                    h = level.upsample(h, carry)
+            return d.conv_out(F.silu(d.norm_out(h)), carry)
+
+        if not self.config.chunked:
+            return up(h)
+        carry, parts = Carry(), []
+        for t0, t1 in decode_chunks(h.shape[2]):
+            parts.append(up(h[:, :, t0:t1], carry))
+            carry.advance()
+        return torch.cat(parts, dim=2)
 
     def check_video(self, t: torch.Tensor, kind: str) -> None:
         """Refuse a video the design cannot encode: a frame count other than ``1 + 4k``."""
@@ -315,32 +380,40 @@ class _Builder:
         self.block(m.block_2)
 
 
-def program(model: HV10VAE, kind: str, moments: bool = False) -> Program:
+def program(model: HV10VAE, kind: str, moments: bool = False, part: str = "all", first: bool = True) -> Program:
     """The ops of ``kind`` (``"encode"``: video → raw mean, or with ``moments`` mean and log-variance; ``"decode"``)
-    over registers, for :func:`vae_core.tiling.clip.run_program` (input register ``"x"``)."""
+    over registers, for :func:`vae_core.tiling.clip.run_program` (input register ``"x"``). ``part`` picks a piece of
+    the chunked schedule: decode ``"head"`` (to the mid block's output, whole clip) and ``"chunk"`` (the rest, one
+    chunk; ``first``: the first chunk, whose temporal upsamplers keep frame 0 single); encode ``"chunk"`` (the down
+    path) and ``"tail"`` (the rest, whole clip); ``"all"`` the whole network."""
     b = _Builder("x")
+    head, tail = part in ("all", "head"), part in ("all", "chunk" if kind == "decode" else "tail")
     if kind == "decode":
         d = model.decoder
-        b.plain(model.post_quant_conv)
-        b.conv(d.conv_in)
-        b.mid(d.mid)
-        for i in reversed(range(len(d.up))):
-            level = d.up[i]
-            for block in level.block:
-                b.block(block)
-            if hasattr(level, "upsample"):
-                t = level.upsample.time
-                b.conv(level.upsample.conv, up=(2 if t else 1, 2), first=t)
-        b.conv(d.conv_out, norm=d.norm_out)
+        if head:
+            b.plain(model.post_quant_conv)
+            b.conv(d.conv_in)
+            b.mid(d.mid)
+        if tail:
+            for i in reversed(range(len(d.up))):
+                level = d.up[i]
+                for block in level.block:
+                    b.block(block)
+                if hasattr(level, "upsample"):
+                    t = level.upsample.time
+                    b.conv(level.upsample.conv, up=(2 if t else 1, 2), first=t and first)
+            b.conv(d.conv_out, norm=d.norm_out)
         return Program(b.ops)
     e, z = model.encoder, model.config.z_dim
-    b.conv(e.conv_in)
-    for level in e.down:
-        for block in level.block:
-            b.block(block)
-        if hasattr(level, "downsample"):
-            b.conv(level.downsample.conv)
-    b.mid(e.mid)
-    quant = model.quant_conv
-    b.conv(e.conv_out, norm=e.norm_out, post=quant if moments else (lambda y: quant(y)[:, :z]))
+    if part in ("all", "chunk"):
+        b.conv(e.conv_in)
+        for level in e.down:
+            for block in level.block:
+                b.block(block)
+            if hasattr(level, "downsample"):
+                b.conv(level.downsample.conv)
+    if tail:
+        b.mid(e.mid)
+        quant = model.quant_conv
+        b.conv(e.conv_out, norm=e.norm_out, post=quant if moments else (lambda y: quant(y)[:, :z]))
     return Program(b.ops)

@@ -53,6 +53,8 @@ def _settings(config: Mapping[str, Any], where: object) -> dict[str, Any]:
 class KLFamily(Family):
     """The kl family (see the module docstring)."""
 
+    user_settings = ("norm_groups",)
+
     def recognises(self, sd: Mapping[str, torch.Tensor]) -> bool:
         return any(p + m in sd for p in PREFIXES for m in _MARKS)
 
