@@ -97,6 +97,12 @@ def _user_settings(family: Family, settings: Optional[Mapping[str, Any]], where:
         allowed = ", ".join(family.user_settings) or "none"
         raise VaeInputError(f"{where}: setting(s) {', '.join(map(repr, unknown))} for {family.label}; expected "
                             f"settings this family takes: {allowed}")
+    for key, value in out.items():
+        if value is None:
+            raise VaeInputError(f"{where}: setting {key!r} = None; expected a value (leave it out for the default)")
+    groups = out.get("norm_groups")
+    if groups is not None and (type(groups) is not int or groups < 1):
+        raise VaeInputError(f"{where}: setting 'norm_groups' = {groups!r}; expected a positive int (GroupNorm groups)")
     return out
 
 
@@ -134,6 +140,7 @@ def load_vae(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
         a :class:`Vae` whose ``info`` says what was found and where each value came from.
     Raises:
         VaeLoadError: the path holds no loadable VAE (message names path, finding and expectation).
+        VaeInputError: a setting the family does not take, or of the wrong type (named).
     """
     raw = read_weights(path)
     fam = detect(raw.state_dict)

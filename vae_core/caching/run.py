@@ -145,7 +145,10 @@ def load_settings(vae: Any) -> dict[str, Any]:
     if not vae.family.user_settings or not dataclasses.is_dataclass(cfg):
         return {}
     fields = {f.name: f.default for f in dataclasses.fields(cfg)}
-    return {k: getattr(cfg, k) for k in vae.family.user_settings if k in fields and getattr(cfg, k) != fields[k]}
+    # norm_groups is a fact of the file (config.json, metadata) as before this record had settings: not keyed here,
+    # so the keys of caches written before stay as they were
+    return {k: getattr(cfg, k) for k in vae.family.user_settings
+            if k != "norm_groups" and k in fields and getattr(cfg, k) != fields[k]}
 
 
 def run_settings(vae: Any, settings: CacheSettings) -> dict[str, Any]:

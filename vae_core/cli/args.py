@@ -8,7 +8,7 @@ from typing import Any
 from ..devices import parse_device
 from ..errors import VaeInputError
 
-__all__ = ["tile_arg", "device_arg", "cache_arg", "size_arg", "setting_arg"]
+__all__ = ["tile_arg", "device_arg", "cache_arg", "size_arg", "setting_arg", "settings_of"]
 
 
 def tile_arg(value: str) -> object:
@@ -72,3 +72,13 @@ def setting_arg(value: str) -> tuple[str, Any]:
     except ValueError:
         parsed = raw
     return key.strip(), parsed
+
+
+def settings_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The ``--set`` pairs as a dict; a key given twice is refused (not the last one silently kept)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise VaeInputError(f"--set {key}: given twice ({out[key]!r}, {value!r}); expected each setting once")
+        out[key] = value
+    return out

@@ -16,7 +16,7 @@ from ..lab.bench import flop_ratio, measure
 from ..errors import VaeInputError
 from ..lab.metrics import signed_psnr as psnr, snr
 from ..precision.dtypes import HOST_CHOICES
-from .args import cache_arg, device_arg, setting_arg, size_arg
+from .args import cache_arg, device_arg, setting_arg, settings_of, size_arg
 
 __all__ = ["cmd_bench", "add_bench_parser"]
 
@@ -123,7 +123,7 @@ def _bench_video(args: argparse.Namespace) -> int:
     from ..loading import load_vae
 
     frames, device = args.frames, args.device
-    settings = dict(args.settings)
+    settings = settings_of(args.settings)
     if settings and not args.vae:
         raise VaeInputError(f"--set {', '.join(settings)} without --vae; expected --vae PATH (settings are the VAE's)")
     config = load_vae(args.vae, settings=settings).model.config if args.vae else by_name("wan").config_type()

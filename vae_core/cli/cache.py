@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import VaeInputError
-from .args import setting_arg, tile_arg
+from .args import setting_arg, settings_of, tile_arg
 
 __all__ = ["add_cache_parsers", "cmd_cache", "cmd_cache_export", "cmd_cache_bench"]
 
@@ -78,7 +78,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
-    vae = load_vae(args.vae, device=device, dtype=args.dtype, settings=dict(args.settings))
+    vae = load_vae(args.vae, device=device, dtype=args.dtype, settings=settings_of(args.settings))
     summary = run_cache(args.data, out, vae, settings, env, strict=args.strict,
                         progress=None if args.quiet else _bar)
     if env.rank == 0 and not args.quiet:

@@ -23,7 +23,7 @@ import torch
 
 from ..io import images
 from ..precision.dtypes import HOST_CHOICES
-from .args import cache_arg, device_arg, setting_arg, tile_arg
+from .args import cache_arg, device_arg, setting_arg, settings_of, tile_arg
 from ..errors import VaeError, VaeInputError
 from ..families.scaling import FAMILIES
 from ..io.images import check_latent_output, image_format, latent_metadata, latent_ndim, load_image, load_latent, \
@@ -107,7 +107,7 @@ def _first_vae_path(args: argparse.Namespace) -> Path:
 
 
 def _load(args: argparse.Namespace, path: Path) -> Vae:
-    vae = load_vae(path, device=args.device, dtype=torch.float32, family=args.family, settings=dict(args.settings))
+    vae = load_vae(path, device=args.device, dtype=torch.float32, family=args.family, settings=settings_of(args.settings))
     if args.fp16_fix:
         vae = make_fp16_safe(vae)
         print(f"fp16 fix: largest activation {vae.info.fp16_fix['peak_before']:.4g} -> "

@@ -280,20 +280,26 @@ def _window(op: ConvOp, src: Clip, ranges: tuple[tuple[int, int], ...], device: 
 
 
 def _carry_out(op: ConvOp, src: Clip, run: "_Run", mean_var: Optional[tuple[torch.Tensor, torch.Tensor]],
-               prefix: Optional[torch.Tensor]) -> torch.Tensor:
+               prefix: Optional[torch.Tensor], edge: int) -> torch.Tensor:
     """The last ``lo`` frames of ``op``'s activated, upsampled input after ``prefix`` (or after the replicated first
-    frame), whole rows and cols, on the register store: what the next chunk's run of ``op`` reads before its first
-    frame."""
+    frame), whole rows and cols, on the register store, built in pieces of ``edge`` px (the compute device holds one
+    piece): what the next chunk's run of ``op`` reads before its first frame."""
     a = op.axes[0]
     n_up = a.upsampled(src.shape[2])
-    rows, cols = src.shape[3], src.shape[4]
+    b, ch, _, rows, cols = src.shape
     axes = (Axis(up=a.up, first=a.first), Axis(), Axis())
     keep = min(a.lo, n_up)
-    tail = _activate(op, _gather(src, axes, ((n_up - keep, n_up), (0, rows), (0, cols)), run.device), mean_var)
-    if keep < a.lo:  # a short input: the frames before it
-        before = prefix.to(run.device) if prefix is not None else tail[:, :, :1].expand(-1, -1, a.lo, -1, -1)
-        tail = torch.cat([before[:, :, before.shape[2] - (a.lo - keep):], tail], dim=2)
-    return tail.to(run.store).contiguous()
+    out = torch.empty((b, ch, a.lo, rows, cols), dtype=src.like.dtype, device=run.store)
+    for r in split(rows, edge):
+        for c in split(cols, edge):
+            tail = _activate(op, _gather(src, axes, ((n_up - keep, n_up), r, c), run.device), mean_var)
+            run.largest = max(run.largest, tail.numel())
+            out[:, :, a.lo - keep:, r[0]:r[1], c[0]:c[1]] = tail
+    if keep < a.lo:  # a short input: the frames before it (carried, or its first frame replicated)
+        before = (prefix[:, :, prefix.shape[2] - (a.lo - keep):] if prefix is not None
+                  else out[:, :, a.lo - keep:a.lo - keep + 1].expand(-1, -1, a.lo - keep, -1, -1))
+        out[:, :, :a.lo - keep] = before.to(run.store)
+    return out
 
 
 @dataclass
@@ -388,7 +394,8 @@ def _conv_op(op: ConvOp, run: _Run, out: Optional[torch.Tensor], final: bool, ti
     if run.carry is not None and op.axes[0].lo > 0:
         prefix = run.carry.prev.get(run.index)
         if run.carry.keep:  # before this op frees its input: the input's last frames, for the next chunk
-            run.carry.next[run.index] = _carry_out(op, src, run, mean_var, prefix)
+            edge_in = _edge(tile, image_w / n_in[2], (n_in[1], n_in[2]))
+            run.carry.next[run.index] = _carry_out(op, src, run, mean_var, prefix, edge_in)
     dst: Optional[Sink] = None
     for f in frame_groups(shape[0]):
         for r in split(shape[1], edge):

@@ -63,7 +63,8 @@ def run_chunked(model: HV10VAE, kind: str, x: torch.Tensor, tile: Optional[int],
     """A ``kind`` call of the chunked network on ``x`` (videos ``[B, 3, F, H, W]``, latents ``[B, z, T, h, w]``),
     equal to ``model.decode``/``encode_moments`` with ``config.chunked``: pieces of about ``tile`` image px (None:
     whole frames), registers on ``store``. ``figures`` (a dict) receives ``store_peak`` (registers and carried
-    frames alive at once), ``latents`` (the latent-resolution clip between the parts), ``widest``, ``kv``,
+    frames alive at once, on ``store``), ``latents`` (bytes of the latent-resolution clip between the parts, on the
+    compute device), ``widest``, ``kv``,
     ``largest`` and ``pieces`` as :func:`~vae_core.tiling.clip.run_program` gives them; ``sample``: a dry run on
     ``meta`` tensors of the first, second and last chunk only (the figures of the whole call, not its output)."""
     whole, chunks, n_spans = _parts(model, kind, x, moments, sample)
@@ -80,8 +81,8 @@ def run_chunked(model: HV10VAE, kind: str, x: torch.Tensor, tile: Optional[int],
     step = stepper(opts, total, "pieces")
     figs: dict[str, int] = {"store_peak": 0, "largest": 0, "pieces": 0, "kv": 0, "widest": 0}
 
-    def merge(part: dict[str, int], held: int) -> None:
-        figs["store_peak"] = max(figs["store_peak"], part["store_peak"] + held)
+    def merge(part: dict[str, int]) -> None:
+        figs["store_peak"] = max(figs["store_peak"], part["store_peak"])
         figs["pieces"] += part["pieces"]
         for k in ("largest", "kv", "widest"):
             figs[k] = max(figs[k], part[k])
@@ -89,7 +90,7 @@ def run_chunked(model: HV10VAE, kind: str, x: torch.Tensor, tile: Optional[int],
     part: dict[str, int] = {}
     if kind == "decode":
         mid = run_program(whole, x, tile, image_w, opts, store=store, figures=part, step=step)
-        merge(part, 0)
+        merge(part)
         out: Optional[torch.Tensor] = None
     else:
         mid = x.new_empty(mid_shape)
@@ -105,12 +106,12 @@ def run_chunked(model: HV10VAE, kind: str, x: torch.Tensor, tile: Optional[int],
             frames = 1 + cfg.temporal_scale * (x.shape[2] - 1)
             out = y.new_empty((b, y.shape[1], frames, *y.shape[3:]))
             out[:, :, o0:o1] = y
-        merge(part, held)
+        merge(part)
         carry.advance()
     if kind == "encode":
         part = {}
         out = run_program(whole, mid, tile, image_w, opts, store=store, figures=part, step=step)
-        merge(part, held)
+        merge(part)
     assert out is not None
     figs["latents"] = held
     if figures is not None:

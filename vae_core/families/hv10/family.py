@@ -47,7 +47,7 @@ def _plan(cfg: HV10Config, kind: str, frames: int, height: int, width: int, tile
           dtype: torch.dtype) -> dict[str, int]:
     """:func:`~vae_core.tiling.clip.plan_bytes` of a ``kind`` call (batch 1) on a ``meta`` twin built for ``cfg``
     (chunked: a dry run of :func:`~vae_core.families.hv10.chunked.run_chunked`'s first, second and last chunk, the
-    latent-resolution clip between its parts counted with the registers)."""
+    latent-resolution clip between its parts counted with the activations: it stays on the compute device)."""
     with torch.device("meta"):
         twin = HV10VAE(cfg).to(dtype)
     x = meta_input(cfg, kind, frames, height, width, dtype)
@@ -56,7 +56,7 @@ def _plan(cfg: HV10Config, kind: str, frames: int, height: int, width: int, tile
             return plan_bytes(program(twin, kind), x, tile, width)
         figures: dict[str, int] = {}
         y = run_chunked(twin, kind, x, tile, width, TileOptions(), figures=figures, sample=True)
-    act = activation_bytes(figures, x.element_size())
+    act = activation_bytes(figures, x.element_size()) + figures["latents"]  # the latent clip: on the device
     return {"state": 0, "stores": figures["store_peak"], "widest": figures["widest"], "activations": act,
             "output": y.numel() * x.element_size(), "total": figures["store_peak"] + act}
 
