@@ -64,9 +64,9 @@ def run_chunked(model: HV10VAE, kind: str, x: torch.Tensor, tile: Optional[int],
     equal to ``model.decode``/``encode_moments`` with ``config.chunked``: pieces of about ``tile`` image px (None:
     whole frames), registers on ``store``. ``figures`` (a dict) receives ``store_peak`` (registers and carried
     frames alive at once, on ``store``), ``latents`` (bytes of the latent-resolution clip between the parts, on the
-    compute device), ``widest``, ``kv``,
-    ``largest`` and ``pieces`` as :func:`~vae_core.tiling.clip.run_program` gives them; ``sample``: a dry run on
-    ``meta`` tensors of the first, second and last chunk only (the figures of the whole call, not its output)."""
+    compute device), ``widest``, ``kv``, ``largest`` and ``pieces`` as :func:`~vae_core.tiling.clip.run_program`
+    gives them; ``sample``: a dry run on ``meta`` tensors of the first, second and last chunk only (the figures of
+    the whole call, not its output)."""
     whole, chunks, n_spans = _parts(model, kind, x, moments, sample)
     cfg, b = model.config, x.shape[0]
     if kind == "decode":
