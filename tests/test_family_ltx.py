@@ -401,3 +401,23 @@ def test_half_precision_by_value(ltx, dtype, worst):
     with torch.no_grad():  # the noisy latents a decode runs on: the fp32 ones, rounded
         noisy = vae.model.decode_context(z)[0]
         assert (half.model.decode_context(z.to(dtype))[0].float() - noisy).abs().max() < 0.01 * noisy.abs().max()
+
+
+@pytest.mark.parametrize("design", ["0.9.1", "2"])
+def test_image_calls_plan_their_memory(design):
+    """An image (one frame) with ``tile="auto"`` and the image memory estimate the out-of-memory fallback uses: the
+    widths per resolution level (patchified levels at the image's own channels) give an estimate that grows with the
+    area, and the call equals the untiled one (it crashed without the widths)."""
+    from vae_core.tiling.memory import estimate_bytes
+
+    vae = vae_core.vae_from_state_dict({k: v.clone() for k, v in reference(design).state_dict().items()})
+    cfg = vae.model.config
+    assert len(cfg.encoder_widths) == len(cfg.decoder_widths) == cfg.downscale.bit_length()
+    assert cfg.encoder_widths[0] == 3 and max(cfg.encoder_widths) >= 32
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x, tile="auto")
+        assert (z - vae.encode(x)).abs().max() < 1e-5
+        assert (vae.decode(z, tile="auto") - vae.decode(z)).abs().max() < 1e-5
+    small, big = (estimate_bytes(vae.model, p, torch.float32) for p in (64 * 64, 256 * 256))
+    assert 0 < small and big == pytest.approx(16 * small, rel=0.01)

@@ -94,6 +94,28 @@ class LTXConfig:
     def latent_channels(self) -> int:
         return self.z_dim
 
+    def _widths(self, blocks: tuple[LTXBlock, ...], ends: int, top: bool) -> list[int]:
+        """The widest tensor's channels at each resolution level (0: full resolution) along ``blocks``: the image's
+        own ``ends`` channels where no block runs (the patchified levels), the blocks' widths from ``log2(patch)``
+        on (``top``: the blocks run from the latent level up, as the decoder's do)."""
+        n = self.downscale.bit_length() - 1
+        out = [ends] * (n + 1)
+        level = n if top else self.patch.bit_length() - 1
+        for b in blocks:  # a resampling block takes cin at its level and gives cout at the next
+            out[level] = max(out[level], b.cin)
+            if b.stride[1] == 2:
+                level += -1 if top else 1
+            out[level] = max(out[level], b.cout)
+        return out
+
+    @property
+    def encoder_widths(self) -> list[int]:  # for the image memory estimate (tile="auto", the OOM fallback)
+        return self._widths(self.encoder, self.in_channels, top=False)
+
+    @property
+    def decoder_widths(self) -> list[int]:
+        return self._widths(self.decoder, self.out_channels, top=True)
+
 
 def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """``[B, C, T, p·h, p·w]`` → ``[B, C·p·p, T, h, w]`` (channel order: channel, column offset, row offset)."""
