@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -304,20 +304,22 @@ def _carry_out(op: ConvOp, src: Clip, run: "_Run", mean_var: Optional[tuple[torc
 
 @dataclass
 class Carries:
-    """What a chunk of a chunked schedule hands the next (:func:`run_program` with ``carry``): per op index, the
-    last input frames its conv reads before the next chunk's first (``prev``: from the chunk before; ``next``: filled
-    by this run when ``keep``)."""
+    """What a chunk of a chunked schedule hands the next (newer ComfyUI's ``conv_carry``): per conv (an op index in
+    :func:`run_program` with ``carry``; the conv module in a plain chunked network), the last input frames it reads
+    before the next chunk's first. ``prev``: from the chunk before; ``next``: filled by this chunk (when ``keep``);
+    ``first``: no chunk came before (convs replicate-pad, a temporal upsampler keeps frame 0 single)."""
 
-    prev: dict[int, torch.Tensor] = field(default_factory=dict)
-    next: dict[int, torch.Tensor] = field(default_factory=dict)
+    prev: dict[Any, torch.Tensor] = field(default_factory=dict)
+    next: dict[Any, torch.Tensor] = field(default_factory=dict)
     keep: bool = True
+    first: bool = True
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.prev, self.next) for t in d.values())
 
     def advance(self) -> None:
-        self.prev, self.next = self.next, {}
+        self.prev, self.next, self.first = self.next, {}, False
 
 
 @dataclass

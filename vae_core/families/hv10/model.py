@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import VaeInputError
-from ...tiling.clip import Axis, AttnOp, ConvOp, Program
+from ...tiling.clip import Axis, AttnOp, Carries, ConvOp, Program
 from ..layers import frame_attention
 
-__all__ = ["HV10Config", "HV10VAE", "Carry", "decode_chunks", "encode_chunks", "program"]
+__all__ = ["HV10Config", "HV10VAE", "decode_chunks", "encode_chunks", "program"]
 
 
 @dataclass(frozen=True)
@@ -89,20 +89,6 @@ class HV10Config:
         return 1 <= level <= self.temporal_levels
 
 
-class Carry:
-    """What a chunk hands the next (newer ComfyUI's ``conv_carry``): for each causal conv, the last ``k − 1`` frames
-    of its (padded) input. ``first``: this is the first chunk (convs replicate-pad, the temporal upsampler keeps
-    frame 0 single)."""
-
-    def __init__(self) -> None:
-        self.prev: dict[nn.Module, torch.Tensor] = {}
-        self.next: dict[nn.Module, torch.Tensor] = {}
-        self.first = True
-
-    def advance(self) -> None:
-        self.prev, self.next, self.first = self.next, {}, False
-
-
 def decode_chunks(latent_frames: int) -> list[tuple[int, int]]:
     """Latent frame ranges of the chunked decoder: 2 latent frames each (newer ComfyUI, #10995: ``conv_in`` and the
     mid block run over the whole latent clip, then each chunk's up path, GroupNorms over the chunk only)."""
@@ -118,7 +104,7 @@ def encode_chunks(frames: int, temporal_scale: int) -> list[tuple[int, int]]:
 
 class CausalConv3d(nn.Module):
     """A 3-D conv (``.conv``, no padding of its own) on a replicate-padded input: ``k − 1`` frames before (none
-    after), ``k // 2`` pixels on each side; ``stride`` (time, rows, cols). With a :class:`Carry` from an earlier
+    after), ``k // 2`` pixels on each side; ``stride`` (time, rows, cols). With a :class:`~vae_core.tiling.clip.Carries` (keyed by conv) from an earlier
     chunk, its frames replace the replicated ones (and this call's last input frames go to the next chunk)."""
 
     def __init__(self, cin: int, cout: int, k: int = 3, stride: tuple[int, int, int] = (1, 1, 1)) -> None:
@@ -129,7 +115,7 @@ class CausalConv3d(nn.Module):
         p = self.conv.kernel_size[1] // 2
         return (p, p, p, p, self.conv.kernel_size[0] - 1, 0)
 
-    def forward(self, x: torch.Tensor, carry: Optional["Carry"] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, carry: Optional[Carries] = None) -> torch.Tensor:
         k = self.conv.kernel_size[0]
         if k == 1:
             return self.conv(x)
@@ -163,7 +149,7 @@ class ResnetBlock(nn.Module):
         self.norm2, self.conv2 = _norm(cfg, cout), CausalConv3d(cout, cout)
         self.nin_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, carry: Optional[Carries] = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)), carry)
         h = self.conv2(F.silu(self.norm2(h)), carry)
         return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
@@ -194,7 +180,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = CausalConv3d(channels, channels, 3, stride=(2 if time else 1, 2, 2))
 
-    def forward(self, x: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, carry: Optional[Carries] = None) -> torch.Tensor:
         return self.conv(x, carry)
 
 
@@ -207,7 +193,7 @@ class Upsample(nn.Module):
         self.time = time
         self.conv = CausalConv3d(channels, channels)
 
-    def forward(self, x: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, carry: Optional[Carries] = None) -> torch.Tensor:
         t = 2 if self.time else 1
         if carry is not None and not carry.first:
             return self.conv(F.interpolate(x, scale_factor=(t, 2, 2), mode="nearest"), carry)
@@ -281,7 +267,7 @@ class HV10VAE(nn.Module):
             return self.encode_moments(x.unsqueeze(2)).squeeze(2)
         e = self.encoder
 
-        def down(h: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+        def down(h: torch.Tensor, carry: Optional[Carries] = None) -> torch.Tensor:
             h = e.conv_in(h, carry)
             for level in e.down:
                 for block in level.block:
@@ -291,7 +277,7 @@ class HV10VAE(nn.Module):
             return h
 
         if self.config.chunked:
-            carry, parts = Carry(), []
+            carry, parts = Carries(), []
             for f0, f1 in encode_chunks(x.shape[2], self.config.temporal_scale):
                 parts.append(down(x[:, :, f0:f1], carry))
                 carry.advance()
@@ -315,7 +301,7 @@ class HV10VAE(nn.Module):
         h = d.conv_in(self.post_quant_conv(z))
         h = d.mid.block_2(d.mid.attn_1(d.mid.block_1(h)))
 
-        def up(h: torch.Tensor, carry: Optional[Carry] = None) -> torch.Tensor:
+        def up(h: torch.Tensor, carry: Optional[Carries] = None) -> torch.Tensor:
             for level in reversed(d.up):
                 for block in level.block:
                     h = block(h, carry)
@@ -325,7 +311,7 @@ class HV10VAE(nn.Module):
 
         if not self.config.chunked:
             return up(h)
-        carry, parts = Carry(), []
+        carry, parts = Carries(), []
         for t0, t1 in decode_chunks(h.shape[2]):
             parts.append(up(h[:, :, t0:t1], carry))
             carry.advance()
